@@ -1,0 +1,32 @@
+"""FlexPrefill sparse prefill on PyTorch FlexAttention.
+
+Public API:
+
+* :func:`flex_prefill_block_mask` — a per-(batch, head) ``BlockMask`` for ``flex_attention``;
+* :func:`flex_prefill_attention` — the mask and compiled FlexAttention in one call;
+* :class:`FlexPrefillConfig` — the hyper-parameters; :class:`FlexPrefillInfo` — diagnostics;
+* :func:`flex_prefill_reference` — the pure-PyTorch reference (the oracle).
+"""
+
+from .attention import dense_causal_attention, flex_prefill_attention
+from .block_mask import active_from_block_mask, block_mask_from_active
+from .config import FlexPrefillConfig
+from .info import FlexPrefillInfo
+from .layout import BlockLayout
+from .reference import ReferenceSelection, flex_prefill_reference
+from .selection import flex_prefill_block_mask
+
+__all__ = [
+    "BlockLayout",
+    "FlexPrefillConfig",
+    "FlexPrefillInfo",
+    "ReferenceSelection",
+    "active_from_block_mask",
+    "block_mask_from_active",
+    "dense_causal_attention",
+    "flex_prefill_attention",
+    "flex_prefill_block_mask",
+    "flex_prefill_reference",
+]
+
+__version__ = "0.1.0"

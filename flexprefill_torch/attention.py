@@ -1,0 +1,150 @@
+"""``flex_prefill_attention``: FlexPrefill mask + compiled FlexAttention in one call."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .block_mask import active_from_block_mask, block_mask_from_active
+from .config import FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .info import FlexPrefillInfo
+from .layout import BlockLayout
+from .reference import masked_attention_reference
+from .selection import Backend, flex_prefill_block_mask
+from .validation import check_qk, check_v
+
+_HAS_AUX_REQUEST = "return_aux" in inspect.signature(flex_attention).parameters
+
+
+@functools.cache
+def compiled_flex_attention():
+    """The process-wide compiled ``flex_attention`` (sequence lengths are dynamic)."""
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def run_flex_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    return_lse: bool = False,
+    kernel_options: dict[str, Any] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Compiled FlexAttention with ``block_mask`` (GQA handled); ``(out, lse)`` if ``return_lse``.
+
+    Compiled FlexAttention on CPU cannot return the log-sum-exp; there ``return_lse`` runs
+    :func:`masked_attention_reference` on the mask's active blocks (dense memory).
+    """
+    kwargs: dict[str, Any] = {
+        "block_mask": block_mask,
+        "scale": scale,
+        "enable_gqa": q.shape[1] != k.shape[1],
+        "kernel_options": kernel_options,
+    }
+    if not return_lse:
+        return compiled_flex_attention()(q, k, v, **kwargs)
+    if q.device.type == "cpu":
+        active = active_from_block_mask(block_mask)
+        out, lse = masked_attention_reference(q, k, v, active, block_mask.BLOCK_SIZE[0], scale)
+        return out.to(q.dtype), lse
+    if _HAS_AUX_REQUEST:
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        out, aux = compiled_flex_attention()(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+        return out, aux.lse
+    return compiled_flex_attention()(q, k, v, return_lse=True, **kwargs)
+
+
+def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Dense attention where query ``i`` sees keys ``<= Lk - Lq + i`` (SDPA, GQA aware)."""
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    mask = causal_lower_right(q_len, kv_len)
+    if gqa:  # the lower-right bias object does not take enable_gqa
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def flex_prefill_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    config: FlexPrefillConfig | None = None,
+    gamma: float | None = None,
+    tau: float | None = None,
+    block_size: int | None = None,
+    min_budget: int | None = None,
+    max_budget: int | None = None,
+    query_aware_selection: QueryAwareSelection | None = None,
+    min_seq_len: int | None = None,
+    scale: float | None = None,
+    backend: Backend = "auto",
+    kernel_options: dict[str, Any] | None = None,
+    return_lse: bool = False,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
+    """Causal attention of the last ``Lq`` positions with FlexPrefill's block sparsity.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``;
+            ``Hq % Hkv == 0``, ``Lq <= Lk``, float16/bfloat16/float32, one device.
+        config, gamma, tau, block_size, min_budget, max_budget, query_aware_selection,
+            min_seq_len: see :class:`FlexPrefillConfig`; keywords override ``config``.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: mask backend, see :func:`flex_prefill_block_mask`.
+        kernel_options: passed to ``flex_attention``.
+        return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` (float32).
+        return_info: also return a :class:`FlexPrefillInfo`.
+
+    Returns:
+        ``out [B, Hq, Lq, Dv]``, then ``lse`` if ``return_lse``, then ``info`` if
+        ``return_info``. When ``Lq == 1`` or ``Lq < min_seq_len`` the attention is dense
+        (SDPA; compiled flex over all visible blocks when ``return_lse``).
+    """
+    check_qk(q, k, scale, backend)
+    check_v(k, v)
+    config = resolve_config(
+        config,
+        gamma=gamma,
+        tau=tau,
+        block_size=block_size,
+        min_budget=min_budget,
+        max_budget=max_budget,
+        query_aware_selection=query_aware_selection,
+        min_seq_len=min_seq_len,
+    )
+    layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
+    info: FlexPrefillInfo | None = None
+    if layout.q_len == 1 or layout.q_len < config.min_seq_len:
+        if return_info:
+            info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
+        if return_lse:
+            active = layout.visible(q.device).expand(q.shape[0], q.shape[1], -1, -1)
+            result = run_flex_attention(
+                q, k, v, block_mask_from_active(active, layout), scale, True, kernel_options
+            )
+        else:
+            result = dense_causal_attention(q, k, v, scale)
+    else:
+        block_mask, info = flex_prefill_block_mask(
+            q, k, config=config, scale=scale, backend=backend, return_info=True
+        )
+        result = run_flex_attention(q, k, v, block_mask, scale, return_lse, kernel_options)
+    outputs = result if isinstance(result, tuple) else (result,)
+    if return_info:
+        outputs = (*outputs, info)
+    return outputs[0] if len(outputs) == 1 else outputs

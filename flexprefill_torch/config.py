@@ -1,0 +1,115 @@
+"""User-facing configuration of FlexPrefill."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+QueryAwareSelection = Literal["global", "per_row"]
+
+_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class FlexPrefillConfig:
+    """Hyper-parameters of FlexPrefill (paper Section 3 and 4.1).
+
+    Attributes:
+        gamma: cumulative-attention threshold γ, ``0 < gamma <= 1``. ``1`` keeps every
+            causally visible block (dense causal attention).
+        tau: Jensen–Shannon threshold τ, ``>= 0``. A head is query-aware iff
+            ``D_JS < tau``; ``0`` makes every head vertical-slash, ``>= 1`` every head
+            query-aware.
+        block_size: token block size ``b`` of the mask, a power of two in 16..256.
+        min_budget: every query-block row keeps at least ``ceil(min_budget / b)`` blocks
+            (or all it can see), chosen independently of γ. ``0`` disables the rule.
+        max_budget: optional cap, in tokens, on each row's active blocks; the forced
+            blocks (sink, local, min budget) are always kept. ``None``: no cap. With a cap
+            the coverage guarantee ``>= gamma`` no longer holds.
+        query_aware_selection: ``"global"`` (paper Algorithm 4: one γ-prefix over the
+            whole normalised block map) or ``"per_row"`` (Appendix F.4: a γ-prefix in
+            every query-block row).
+        min_seq_len: queries shorter than this use plain dense attention in
+            :func:`flex_prefill_attention`; ``0`` forces the sparse path.
+    """
+
+    gamma: float = 0.9
+    tau: float = 0.1
+    block_size: int = 128
+    min_budget: int = 1024
+    max_budget: int | None = None
+    query_aware_selection: QueryAwareSelection = "global"
+    min_seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_real("gamma", self.gamma)
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must satisfy 0 < gamma <= 1, got gamma={self.gamma!r}")
+        _check_real("tau", self.tau)
+        if self.tau < 0.0:
+            raise ValueError(f"tau must be >= 0, got tau={self.tau!r}")
+        _check_int("block_size", self.block_size)
+        if self.block_size not in _BLOCK_SIZES:
+            raise ValueError(
+                f"block_size must be one of {_BLOCK_SIZES}, got block_size={self.block_size!r}"
+            )
+        _check_int("min_budget", self.min_budget)
+        if self.min_budget < 0:
+            raise ValueError(f"min_budget must be >= 0 tokens, got min_budget={self.min_budget!r}")
+        if self.max_budget is not None:
+            _check_int("max_budget", self.max_budget)
+            if self.max_budget < max(self.min_budget, 1):
+                raise ValueError(
+                    f"max_budget must be None or >= max(min_budget, 1) = {max(self.min_budget, 1)} "
+                    f"tokens, got max_budget={self.max_budget!r}"
+                )
+        if self.query_aware_selection not in ("global", "per_row"):
+            raise ValueError(
+                "query_aware_selection must be 'global' or 'per_row', "
+                f"got query_aware_selection={self.query_aware_selection!r}"
+            )
+        _check_int("min_seq_len", self.min_seq_len)
+        if self.min_seq_len < 0:
+            raise ValueError(f"min_seq_len must be >= 0, got min_seq_len={self.min_seq_len!r}")
+
+    @property
+    def min_blocks(self) -> int:
+        """Blocks per query-block row guaranteed by ``min_budget``."""
+        return math.ceil(self.min_budget / self.block_size)
+
+    @property
+    def max_blocks(self) -> int | None:
+        """Cap on blocks per query-block row from ``max_budget`` (``None``: no cap)."""
+        if self.max_budget is None:
+            return None
+        return math.ceil(self.max_budget / self.block_size)
+
+    def replace(self, **changes: Any) -> FlexPrefillConfig:
+        """A copy with ``changes`` applied (validated); ``None`` values are ignored."""
+        changes = {name: value for name, value in changes.items() if value is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (round-trips through ``FlexPrefillConfig(**d)``)."""
+        return dataclasses.asdict(self)
+
+
+def resolve_config(config: FlexPrefillConfig | None, **overrides: Any) -> FlexPrefillConfig:
+    """``config`` (or the defaults) with the keyword ``overrides`` that are not ``None``."""
+    if config is not None and not isinstance(config, FlexPrefillConfig):
+        raise TypeError(
+            f"config must be a FlexPrefillConfig or None, got config of type {type(config).__name__}"
+        )
+    return (config or FlexPrefillConfig()).replace(**overrides)
+
+
+def _check_real(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {name}={value!r}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {name}={value!r}")

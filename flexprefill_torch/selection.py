@@ -1,0 +1,84 @@
+"""``flex_prefill_block_mask``: choose the active blocks with a backend, assemble the BlockMask."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from .block_mask import block_mask_from_active
+from .config import FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .info import FlexPrefillInfo
+from .layout import BlockLayout
+from .reference import flex_prefill_reference
+from .validation import check_qk
+
+Backend = Literal["auto", "reference", "triton"]
+
+
+def select_active_blocks(
+    q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None, backend: Backend
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Active blocks ``[B, Hq, nq, nk]`` bool, ``query_aware [B, Hq]`` and ``js_distance [B, Hq]``."""
+    if backend == "triton":
+        raise NotImplementedError(
+            "backend='triton' is not available yet; use backend='reference' or 'auto'"
+        )
+    selection = flex_prefill_reference(q, k, config, scale)
+    return selection.active, selection.query_aware, selection.js_distance
+
+
+def flex_prefill_block_mask(
+    q: Tensor,
+    k: Tensor,
+    *,
+    config: FlexPrefillConfig | None = None,
+    gamma: float | None = None,
+    tau: float | None = None,
+    block_size: int | None = None,
+    min_budget: int | None = None,
+    max_budget: int | None = None,
+    query_aware_selection: QueryAwareSelection | None = None,
+    min_seq_len: int | None = None,
+    scale: float | None = None,
+    backend: Backend = "auto",
+    return_info: bool = False,
+) -> BlockMask | tuple[BlockMask, FlexPrefillInfo]:
+    """The FlexPrefill ``BlockMask`` of ``q`` against ``k``: one mask per (batch, query head).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` queries, the last ``Lq`` positions of the sequence.
+        k: ``[B, Hkv, Lk, D]`` keys, ``Hq % Hkv == 0`` and ``Lq <= Lk``.
+        config: a :class:`FlexPrefillConfig`; the keyword fields below override it.
+        gamma, tau, block_size, min_budget, max_budget, query_aware_selection, min_seq_len:
+            see :class:`FlexPrefillConfig` (``min_seq_len`` is not used here).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"reference"`` (pure PyTorch), ``"triton"`` or ``"auto"``.
+        return_info: also return a :class:`FlexPrefillInfo`.
+
+    Returns:
+        A ``BlockMask`` with ``B × Hq`` masks over ``(Lq, Lk)``, block size ``b``, built from
+        block indices (full blocks below the causal boundary, partial blocks on it). Use it
+        with a *compiled* ``flex_attention(q, k, v, block_mask=..., enable_gqa=True)``.
+    """
+    check_qk(q, k, scale, backend)
+    config = resolve_config(
+        config,
+        gamma=gamma,
+        tau=tau,
+        block_size=block_size,
+        min_budget=min_budget,
+        max_budget=max_budget,
+        query_aware_selection=query_aware_selection,
+        min_seq_len=min_seq_len,
+    )
+    layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
+    with torch.no_grad():
+        active, query_aware, js = select_active_blocks(q, k, config, scale, backend)
+        active = active & layout.visible(q.device)
+        block_mask = block_mask_from_active(active, layout)
+    if not return_info:
+        return block_mask
+    return block_mask, FlexPrefillInfo.from_selection(active, query_aware, js, layout, config)
