@@ -34,6 +34,42 @@ def make_inputs(workload: str, length: int, args: argparse.Namespace, device: to
     )
 
 
+def bench_length(
+    workload: str, length: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> list[dict]:
+    """Time dense SDPA, dense flex and FlexPrefill at every gamma for one input; print rows."""
+    q, k, v = make_inputs(workload, length, args, device, dtype)
+    layout = BlockLayout(length, length, 128)
+    dense_mask = block_mask_from_active(layout.visible(device).expand(1, args.q_heads, -1, -1), layout)
+    dense = dense_causal_attention(q, k, v)
+    sdpa_ms = median_ms(lambda: dense_causal_attention(q, k, v), device, args.repeats)
+    flex_ms = median_ms(lambda: run_flex_attention(q, k, v, dense_mask), device, args.repeats)
+    rows = []
+    for gamma in args.gammas:
+        config = FlexPrefillConfig(gamma=gamma, tau=args.tau, min_seq_len=0)
+        block_mask, info = flex_prefill_block_mask(q, k, config=config, backend=args.backend, return_info=True)
+        out = run_flex_attention(q, k, v, block_mask)
+        rel_err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+        build_ms = median_ms(
+            lambda config=config: flex_prefill_block_mask(q, k, config=config, backend=args.backend),
+            device, args.repeats,
+        )
+        sparse_ms = median_ms(lambda bm=block_mask: run_flex_attention(q, k, v, bm), device, args.repeats)
+        total = build_ms + sparse_ms
+        row = {
+            "workload": workload, "seq_len": length, "gamma": gamma, "sdpa_ms": sdpa_ms,
+            "dense_flex_ms": flex_ms, "mask_build_ms": build_ms, "sparse_attention_ms": sparse_ms,
+            "total_ms": total, "density": info.density.mean().item(), "rel_error": rel_err,
+            "speedup_vs_sdpa": sdpa_ms / total,
+        }
+        rows.append(row)
+        print(
+            f"{workload:>10s} {length:7d} {gamma:5.2f} {sdpa_ms:9.2f} {flex_ms:9.2f} {build_ms:8.2f}"
+            f" {sparse_ms:9.2f} {total:9.2f} {row['density']:7.3f} {rel_err:8.2e} {row['speedup_vs_sdpa']:7.2f}"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
@@ -60,40 +96,7 @@ def main() -> None:
     print(header)
     for workload in args.workloads:
         for length in args.lengths:
-            q, k, v = make_inputs(workload, length, args, device, dtype)
-            layout = BlockLayout(length, length, 128)
-            dense_mask = block_mask_from_active(
-                layout.visible(device).expand(1, args.q_heads, -1, -1), layout
-            )
-            dense = dense_causal_attention(q, k, v)
-            sdpa_ms = median_ms(lambda: dense_causal_attention(q, k, v), device, args.repeats)
-            flex_ms = median_ms(lambda: run_flex_attention(q, k, v, dense_mask), device, args.repeats)
-            for gamma in args.gammas:
-                config = FlexPrefillConfig(gamma=gamma, tau=args.tau, min_seq_len=0)
-
-                def build(config=config):
-                    return flex_prefill_block_mask(q, k, config=config, backend=args.backend)
-
-                block_mask, info = flex_prefill_block_mask(
-                    q, k, config=config, backend=args.backend, return_info=True
-                )
-                out = run_flex_attention(q, k, v, block_mask)
-                rel_err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
-                build_ms = median_ms(build, device, args.repeats)
-                sparse_ms = median_ms(lambda bm=block_mask: run_flex_attention(q, k, v, bm), device, args.repeats)
-                total = build_ms + sparse_ms
-                row = {
-                    "workload": workload, "seq_len": length, "gamma": gamma, "sdpa_ms": sdpa_ms,
-                    "dense_flex_ms": flex_ms, "mask_build_ms": build_ms, "sparse_attention_ms": sparse_ms,
-                    "total_ms": total, "density": info.density.mean().item(), "rel_error": rel_err,
-                    "speedup_vs_sdpa": sdpa_ms / total,
-                }
-                rows.append(row)
-                print(
-                    f"{workload:>10s} {length:7d} {gamma:5.2f} {sdpa_ms:9.2f} {flex_ms:9.2f} {build_ms:8.2f}"
-                    f" {sparse_ms:9.2f} {total:9.2f} {row['density']:7.3f} {rel_err:8.2e} {row['speedup_vs_sdpa']:7.2f}"
-                )
-            del q, k, v, dense
+            rows.extend(bench_length(workload, length, args, device, dtype))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     meta = {
