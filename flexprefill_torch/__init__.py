@@ -12,6 +12,7 @@ from .attention import dense_causal_attention, flex_prefill_attention
 from .block_mask import active_from_block_mask, block_mask_from_active
 from .config import FlexPrefillConfig
 from .info import FlexPrefillInfo
+from .integrations.transformers import collect_diagnostics, get_flex_prefill_config, patch_model
 from .layout import BlockLayout
 from .reference import ReferenceSelection, flex_prefill_reference
 from .selection import flex_prefill_block_mask
@@ -23,10 +24,13 @@ __all__ = [
     "ReferenceSelection",
     "active_from_block_mask",
     "block_mask_from_active",
+    "collect_diagnostics",
     "dense_causal_attention",
     "flex_prefill_attention",
     "flex_prefill_block_mask",
     "flex_prefill_reference",
+    "get_flex_prefill_config",
+    "patch_model",
 ]
 
 __version__ = "0.1.0"

@@ -23,6 +23,30 @@ from .validation import check_qk, check_v
 _HAS_AUX_REQUEST = "return_aux" in inspect.signature(flex_attention).parameters
 
 
+# Measured on an H200 (benchmarks/flex_tuning.py, docs/benchmarks.md): the fastest of the
+# candidates for dense and sparse causal masks at 32k and 128k tokens, bf16, D=128.
+HOPPER_KERNEL_OPTIONS: dict[str, Any] = {
+    "BLOCK_M": 128,
+    "BLOCK_N": 128,
+    "num_warps": 8,
+    "num_stages": 2,
+    "USE_TMA": True,
+}
+
+
+def default_kernel_options(q: Tensor, block_size: int) -> dict[str, Any] | None:
+    """Tuned ``kernel_options`` for Hopper GPUs (16-bit, head_dim <= 128, b % 128 == 0), else None.
+
+    ``None`` lets FlexAttention pick its own defaults. The result depends only on the
+    device, dtype, head size and block size, so it never triggers a recompilation.
+    """
+    if q.device.type != "cuda" or q.dtype == torch.float32 or q.shape[-1] > 128 or block_size % 128:
+        return None
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        return None
+    return HOPPER_KERNEL_OPTIONS
+
+
 @functools.cache
 def compiled_flex_attention():
     """The process-wide compiled ``flex_attention`` (sequence lengths are dynamic)."""
@@ -40,9 +64,13 @@ def run_flex_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Compiled FlexAttention with ``block_mask`` (GQA handled); ``(out, lse)`` if ``return_lse``.
 
+    ``kernel_options=None`` uses :func:`default_kernel_options`.
+
     Compiled FlexAttention on CPU cannot return the log-sum-exp; there ``return_lse`` runs
     :func:`masked_attention_reference` on the mask's active blocks (dense memory).
     """
+    if kernel_options is None:
+        kernel_options = default_kernel_options(q, block_mask.BLOCK_SIZE[1])
     kwargs: dict[str, Any] = {
         "block_mask": block_mask,
         "scale": scale,
@@ -78,6 +106,15 @@ def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _too_dense(info: FlexPrefillInfo, config: FlexPrefillConfig) -> bool:
+    """Whether the mask is too dense for sparse FlexAttention to beat SDPA (eager mode only)."""
+    if config.max_density is None or torch.compiler.is_compiling():
+        return False
+    if info.density.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return bool(info.density.mean() > config.max_density)  # one host sync
+
+
 def flex_prefill_attention(
     q: Tensor,
     k: Tensor,
@@ -91,6 +128,7 @@ def flex_prefill_attention(
     max_budget: int | None = None,
     query_aware_selection: QueryAwareSelection | None = None,
     min_seq_len: int | None = None,
+    max_density: float | None = None,
     scale: float | None = None,
     backend: Backend = "auto",
     kernel_options: dict[str, Any] | None = None,
@@ -103,17 +141,22 @@ def flex_prefill_attention(
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``;
             ``Hq % Hkv == 0``, ``Lq <= Lk``, float16/bfloat16/float32, one device.
         config, gamma, tau, block_size, min_budget, max_budget, query_aware_selection,
-            min_seq_len: see :class:`FlexPrefillConfig`; keywords override ``config``.
+            min_seq_len, max_density: see :class:`FlexPrefillConfig`; keywords override
+            ``config``.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: mask backend, see :func:`flex_prefill_block_mask`.
-        kernel_options: passed to ``flex_attention``.
+        kernel_options: passed to ``flex_attention`` (default: tuned for Hopper, see
+            :func:`default_kernel_options`).
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` (float32).
         return_info: also return a :class:`FlexPrefillInfo`.
 
     Returns:
         ``out [B, Hq, Lq, Dv]``, then ``lse`` if ``return_lse``, then ``info`` if
-        ``return_info``. When ``Lq == 1`` or ``Lq < min_seq_len`` the attention is dense
-        (SDPA; compiled flex over all visible blocks when ``return_lse``).
+        ``return_info``. The attention is dense SDPA when ``Lq == 1``, when
+        ``Lq < min_seq_len``, or when the mask's mean density exceeds ``max_density``
+        (eager mode; the info then still describes the mask that was built). With
+        ``return_lse`` the short-input path uses compiled flex over all visible blocks and
+        the density rule is skipped.
     """
     check_qk(q, k, scale, backend)
     check_v(k, v)
@@ -126,6 +169,7 @@ def flex_prefill_attention(
         max_budget=max_budget,
         query_aware_selection=query_aware_selection,
         min_seq_len=min_seq_len,
+        max_density=max_density,
     )
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     info: FlexPrefillInfo | None = None
@@ -143,7 +187,11 @@ def flex_prefill_attention(
         block_mask, info = flex_prefill_block_mask(
             q, k, config=config, scale=scale, backend=backend, return_info=True
         )
-        result = run_flex_attention(q, k, v, block_mask, scale, return_lse, kernel_options)
+        if not return_lse and _too_dense(info, config):
+            info.sparse = False
+            result = dense_causal_attention(q, k, v, scale)
+        else:
+            result = run_flex_attention(q, k, v, block_mask, scale, return_lse, kernel_options)
     outputs = result if isinstance(result, tuple) else (result,)
     if return_info:
         outputs = (*outputs, info)

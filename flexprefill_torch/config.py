@@ -32,7 +32,12 @@ class FlexPrefillConfig:
             whole normalised block map) or ``"per_row"`` (Appendix F.4: a γ-prefix in
             every query-block row).
         min_seq_len: queries shorter than this use plain dense attention in
-            :func:`flex_prefill_attention`; ``0`` forces the sparse path.
+            :func:`flex_prefill_attention`; ``0`` forces the sparse path. The default is
+            the measured crossover on an H200 (``docs/benchmarks.md``).
+        max_density: when the mean density of the built mask exceeds this,
+            :func:`flex_prefill_attention` runs dense SDPA instead, because sparse
+            FlexAttention would be slower. Checked only in eager mode (one host sync; not
+            under ``torch.compile`` or CUDA-graph capture). ``None`` disables the check.
     """
 
     gamma: float = 0.9
@@ -41,7 +46,8 @@ class FlexPrefillConfig:
     min_budget: int = 1024
     max_budget: int | None = None
     query_aware_selection: QueryAwareSelection = "global"
-    min_seq_len: int = 4096
+    min_seq_len: int = 8192
+    max_density: float | None = 0.7
 
     def __post_init__(self) -> None:
         _check_real("gamma", self.gamma)
@@ -52,9 +58,7 @@ class FlexPrefillConfig:
             raise ValueError(f"tau must be >= 0, got tau={self.tau!r}")
         _check_int("block_size", self.block_size)
         if self.block_size not in _BLOCK_SIZES:
-            raise ValueError(
-                f"block_size must be one of {_BLOCK_SIZES}, got block_size={self.block_size!r}"
-            )
+            raise ValueError(f"block_size must be one of {_BLOCK_SIZES}, got block_size={self.block_size!r}")
         _check_int("min_budget", self.min_budget)
         if self.min_budget < 0:
             raise ValueError(f"min_budget must be >= 0 tokens, got min_budget={self.min_budget!r}")
@@ -73,6 +77,12 @@ class FlexPrefillConfig:
         _check_int("min_seq_len", self.min_seq_len)
         if self.min_seq_len < 0:
             raise ValueError(f"min_seq_len must be >= 0, got min_seq_len={self.min_seq_len!r}")
+        if self.max_density is not None:
+            _check_real("max_density", self.max_density)
+            if not 0.0 < self.max_density <= 1.0:
+                raise ValueError(
+                    f"max_density must be None or in (0, 1], got max_density={self.max_density!r}"
+                )
 
     @property
     def min_blocks(self) -> int:

@@ -22,7 +22,7 @@ class FlexPrefillInfo:
         active_blocks: int64, active ``b × b`` blocks of the mask.
         visible_blocks: int64, blocks a dense causal mask would compute.
         density: float32, ``active_blocks / visible_blocks`` (1.0 means dense).
-        sparse: whether the sparse path ran (False: dense fallback of the attention call).
+        sparse: whether sparse attention ran (False: the attention call fell back to dense).
         config: the configuration that produced it.
         layout: the block geometry (lengths and block size).
     """

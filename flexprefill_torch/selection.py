@@ -42,6 +42,7 @@ def flex_prefill_block_mask(
     max_budget: int | None = None,
     query_aware_selection: QueryAwareSelection | None = None,
     min_seq_len: int | None = None,
+    max_density: float | None = None,
     scale: float | None = None,
     backend: Backend = "auto",
     return_info: bool = False,
@@ -52,8 +53,8 @@ def flex_prefill_block_mask(
         q: ``[B, Hq, Lq, D]`` queries, the last ``Lq`` positions of the sequence.
         k: ``[B, Hkv, Lk, D]`` keys, ``Hq % Hkv == 0`` and ``Lq <= Lk``.
         config: a :class:`FlexPrefillConfig`; the keyword fields below override it.
-        gamma, tau, block_size, min_budget, max_budget, query_aware_selection, min_seq_len:
-            see :class:`FlexPrefillConfig` (``min_seq_len`` is not used here).
+        gamma, tau, block_size, min_budget, max_budget, query_aware_selection, min_seq_len,
+            max_density: see :class:`FlexPrefillConfig` (the last two are not used here).
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"reference"`` (pure PyTorch), ``"triton"`` or ``"auto"``.
         return_info: also return a :class:`FlexPrefillInfo`.
@@ -73,6 +74,7 @@ def flex_prefill_block_mask(
         max_budget=max_budget,
         query_aware_selection=query_aware_selection,
         min_seq_len=min_seq_len,
+        max_density=max_density,
     )
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     with torch.no_grad():
