@@ -1,0 +1,78 @@
+"""Which path ``flex_prefill_attention`` takes: sparse, dense by length, dense by density."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexprefill_torch import (
+    FlexPrefillConfig,
+    active_from_block_mask,
+    dense_causal_attention,
+    flex_prefill_attention,
+    flex_prefill_block_mask,
+)
+from flexprefill_torch.attention import default_kernel_options
+from flexprefill_torch.reference import masked_attention_reference
+from flexprefill_torch.synthetic import structured_qkv
+
+# One shape family (B=1, Hq=4, Hkv=2, D=32... fp32, block 64) so FlexAttention compiles once.
+CONFIG = FlexPrefillConfig(gamma=0.8, tau=0.1, block_size=64, min_budget=64, min_seq_len=0)
+
+
+def _peaked(q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = structured_qkv(1, 4, 2, kv_len, 32, q_len=q_len, block_size=64, seed=5)
+    return q, k, v
+
+
+@pytest.mark.slow
+def test_sparse_path_runs_and_is_not_dense() -> None:
+    q, k, v = _peaked(900, 1000)
+    out, info = flex_prefill_attention(q, k, v, config=CONFIG, max_density=None, return_info=True)
+    assert info.sparse and (info.density < 1).any(), "the structured input should give a sparse mask"
+    mask = flex_prefill_block_mask(q, k, config=CONFIG)
+    ref, _ = masked_attention_reference(q, k, v, active_from_block_mask(mask), 64)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    dense = dense_causal_attention(q, k, v)
+    assert (out - dense).abs().max() > 1e-3, "sparse output equals dense: sparsity was not honoured"
+
+
+@pytest.mark.slow
+def test_too_dense_mask_falls_back_to_sdpa() -> None:
+    q, k, v = _peaked(900, 1000)
+    _, info = flex_prefill_attention(q, k, v, config=CONFIG, max_density=None, return_info=True)
+    below = info.density.mean().item() * 0.5
+    out, info = flex_prefill_attention(q, k, v, config=CONFIG, max_density=below, return_info=True)
+    assert not info.sparse
+    torch.testing.assert_close(out, dense_causal_attention(q, k, v))
+
+
+def test_short_prompt_and_decode_are_dense() -> None:
+    q, k, v = _peaked(100, 1000)
+    out, info = flex_prefill_attention(q, k, v, config=CONFIG, min_seq_len=101, return_info=True)
+    assert not info.sparse and torch.equal(info.density, torch.ones_like(info.density))
+    torch.testing.assert_close(out, dense_causal_attention(q, k, v))
+    out = flex_prefill_attention(q[..., -1:, :], k, v, config=CONFIG)
+    torch.testing.assert_close(out, dense_causal_attention(q[..., -1:, :], k, v))
+
+
+def test_dense_causal_attention_is_bottom_right_aligned() -> None:
+    q, k, v = _peaked(100, 300)
+    out = dense_causal_attention(q, k, v)
+    ref, _ = masked_attention_reference(q, k, v, torch.ones(1, 4, 2, 5, dtype=torch.bool), 64)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_default_kernel_options_only_on_cuda_16bit() -> None:
+    q = torch.randn(1, 1, 8, 64)
+    assert default_kernel_options(q, 128) is None
+    assert default_kernel_options(q.bfloat16(), 128) is None  # CPU
+
+
+@pytest.mark.gpu
+def test_default_kernel_options_on_hopper(cuda) -> None:
+    q = torch.randn(1, 1, 8, 128, device=cuda, dtype=torch.bfloat16)
+    options = default_kernel_options(q, 128)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert options is not None and options["USE_TMA"]
+    assert default_kernel_options(q, 64) is None and default_kernel_options(q.float(), 128) is None
