@@ -140,9 +140,9 @@ def flex_prefill_attention(
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``;
             ``Hq % Hkv == 0``, ``Lq <= Lk``, float16/bfloat16/float32, one device.
-        config, gamma, tau, block_size, min_budget, max_budget, query_aware_selection,
-            min_seq_len, max_density: see :class:`FlexPrefillConfig`; keywords override
-            ``config``.
+        config: a :class:`FlexPrefillConfig`. The keywords ``gamma``, ``tau``,
+            ``block_size``, ``min_budget``, ``max_budget``, ``query_aware_selection``,
+            ``min_seq_len`` and ``max_density`` override its fields.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: mask backend, see :func:`flex_prefill_block_mask`.
         kernel_options: passed to ``flex_attention`` (default: tuned for Hopper, see

@@ -52,9 +52,10 @@ def flex_prefill_block_mask(
     Args:
         q: ``[B, Hq, Lq, D]`` queries, the last ``Lq`` positions of the sequence.
         k: ``[B, Hkv, Lk, D]`` keys, ``Hq % Hkv == 0`` and ``Lq <= Lk``.
-        config: a :class:`FlexPrefillConfig`; the keyword fields below override it.
-        gamma, tau, block_size, min_budget, max_budget, query_aware_selection, min_seq_len,
-            max_density: see :class:`FlexPrefillConfig` (the last two are not used here).
+        config: a :class:`FlexPrefillConfig`. The keywords ``gamma``, ``tau``,
+            ``block_size``, ``min_budget``, ``max_budget``, ``query_aware_selection``,
+            ``min_seq_len`` and ``max_density`` override its fields (the last two only
+            matter to :func:`flex_prefill_attention`).
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"reference"`` (pure PyTorch), ``"triton"`` or ``"auto"``.
         return_info: also return a :class:`FlexPrefillInfo`.

@@ -1,0 +1,157 @@
+"""FlexPrefill against dense attention: time, density and error over sequence lengths.
+
+Shared by ``benchmarks/attention.py`` and ``flexprefill bench``. It measures and asserts
+nothing; rows are printed as a table and saved as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attention import dense_causal_attention, run_flex_attention
+from .block_mask import block_mask_from_active
+from .config import FlexPrefillConfig
+from .layout import BlockLayout
+from .selection import flex_prefill_block_mask
+from .synthetic import structured_qkv
+from .timing import median_ms
+
+HEADER = (
+    f"{'workload':>10s} {'L':>7s} {'gamma':>5s} {'sdpa':>9s} {'flex':>9s} {'build':>8s} {'sparse':>9s}"
+    f" {'total':>9s} {'density':>7s} {'rel_err':>8s} {'speedup':>7s}"
+)
+
+
+@dataclass
+class BenchSettings:
+    """What to measure. Times are median milliseconds over ``repeats`` runs."""
+
+    lengths: list[int] = field(default_factory=lambda: [4096, 8192, 16384, 32768, 65536, 131072])
+    workloads: list[str] = field(default_factory=lambda: ["structured", "random"])
+    gammas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    tau: float = 0.1
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    backend: str = "auto"
+    repeats: int = 10
+
+    @classmethod
+    def small(cls) -> BenchSettings:
+        """A CPU-sized run: 1k and 2k tokens, 8/2 heads, D=64."""
+        return cls(lengths=[1024, 2048], q_heads=8, kv_heads=2, head_dim=64, repeats=3)
+
+
+def make_inputs(
+    workload: str, length: int, settings: BenchSettings, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``structured`` (see :mod:`flexprefill_torch.synthetic`) or ``random`` normal q, k, v."""
+    if workload == "structured":
+        return structured_qkv(
+            1, settings.q_heads, settings.kv_heads, length, settings.head_dim, dtype=dtype, device=device
+        )
+    if workload != "random":
+        raise ValueError(f"workload must be 'structured' or 'random', got workload={workload!r}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape_q = (1, settings.q_heads, length, settings.head_dim)
+    shape_kv = (1, settings.kv_heads, length, settings.head_dim)
+    return (
+        torch.randn(shape_q, generator=gen, device=device, dtype=dtype),
+        torch.randn(shape_kv, generator=gen, device=device, dtype=dtype),
+        torch.randn(shape_kv, generator=gen, device=device, dtype=dtype),
+    )
+
+
+def bench_one(
+    workload: str, length: int, settings: BenchSettings, device: torch.device, dtype: torch.dtype
+) -> list[dict]:
+    """Dense SDPA, dense flex and FlexPrefill at every gamma for one input: one row per gamma."""
+    q, k, v = make_inputs(workload, length, settings, device, dtype)
+    layout = BlockLayout(length, length, 128)
+    dense_mask = block_mask_from_active(layout.visible(device).expand(1, settings.q_heads, -1, -1), layout)
+    dense = dense_causal_attention(q, k, v)
+    sdpa_ms = median_ms(lambda: dense_causal_attention(q, k, v), device, settings.repeats)
+    flex_ms = median_ms(lambda: run_flex_attention(q, k, v, dense_mask), device, settings.repeats)
+    rows = []
+    for gamma in settings.gammas:
+        config = FlexPrefillConfig(gamma=gamma, tau=settings.tau, min_seq_len=0)
+        block_mask, info = flex_prefill_block_mask(
+            q, k, config=config, backend=settings.backend, return_info=True
+        )
+        out = run_flex_attention(q, k, v, block_mask)
+        rel_err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+        build_ms = median_ms(
+            lambda config=config: flex_prefill_block_mask(q, k, config=config, backend=settings.backend),
+            device,
+            settings.repeats,
+        )
+        sparse_ms = median_ms(lambda bm=block_mask: run_flex_attention(q, k, v, bm), device, settings.repeats)
+        total = build_ms + sparse_ms
+        rows.append(
+            {
+                "workload": workload,
+                "seq_len": length,
+                "gamma": gamma,
+                "sdpa_ms": sdpa_ms,
+                "dense_flex_ms": flex_ms,
+                "mask_build_ms": build_ms,
+                "sparse_attention_ms": sparse_ms,
+                "total_ms": total,
+                "density": info.density.mean().item(),
+                "rel_error": rel_err,
+                "speedup_vs_sdpa": sdpa_ms / total,
+            }
+        )
+    return rows
+
+
+def format_row(row: dict) -> str:
+    """One table line under :data:`HEADER`."""
+    return (
+        f"{row['workload']:>10s} {row['seq_len']:7d} {row['gamma']:5.2f} {row['sdpa_ms']:9.2f}"
+        f" {row['dense_flex_ms']:9.2f} {row['mask_build_ms']:8.2f} {row['sparse_attention_ms']:9.2f}"
+        f" {row['total_ms']:9.2f} {row['density']:7.3f} {row['rel_error']:8.2e} {row['speedup_vs_sdpa']:7.2f}"
+    )
+
+
+def run_benchmark(
+    settings: BenchSettings, out: Path | None, device: torch.device | None = None, progress: bool = True
+) -> list[dict]:
+    """Measure every (workload, length, gamma), print the table, save JSON to ``out``."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases: Iterable[tuple[str, int]] = [(w, n) for w in settings.workloads for n in settings.lengths]
+    write = print
+    if progress:
+        from tqdm import tqdm
+
+        cases, write = tqdm(list(cases), desc="bench", unit="input", leave=False), tqdm.write
+    rows: list[dict] = []
+    write(HEADER)
+    for workload, length in cases:
+        for row in bench_one(workload, length, settings, device, dtype):
+            rows.append(row)
+            write(format_row(row))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "settings": asdict(settings),
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"saved {out}")
+    return rows
