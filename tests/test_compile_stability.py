@@ -18,7 +18,8 @@ def _run(kv_len: int, q_len: int, device: str) -> torch.Tensor:
     k = torch.randn(1, 2, kv_len, 32, generator=gen, device=device)
     v = torch.randn(1, 2, kv_len, 32, generator=gen, device=device)
     out = flex_prefill_attention(q, k, v, gamma=1.0, min_seq_len=0, block_size=64, min_budget=64)
-    torch.testing.assert_close(out, dense_causal_attention(q, k, v), atol=2e-5, rtol=2e-5)
+    tolerance = 2e-5 if device == "cpu" else 2e-3  # CUDA flex may use TF32 for float32 dots
+    torch.testing.assert_close(out, dense_causal_attention(q, k, v), atol=tolerance, rtol=tolerance)
     return out
 
 
