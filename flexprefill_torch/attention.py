@@ -13,7 +13,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .block_mask import active_from_block_mask, block_mask_from_active
-from .config import FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .config import UNSET, FlexPrefillConfig, QueryAwareSelection, resolve_config
 from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .reference import masked_attention_reference
@@ -125,10 +125,10 @@ def flex_prefill_attention(
     tau: float | None = None,
     block_size: int | None = None,
     min_budget: int | None = None,
-    max_budget: int | None = None,
+    max_budget: int | None = UNSET,
     query_aware_selection: QueryAwareSelection | None = None,
     min_seq_len: int | None = None,
-    max_density: float | None = None,
+    max_density: float | None = UNSET,
     scale: float | None = None,
     backend: Backend = "auto",
     kernel_options: dict[str, Any] | None = None,
@@ -142,7 +142,9 @@ def flex_prefill_attention(
             ``Hq % Hkv == 0``, ``Lq <= Lk``, float16/bfloat16/float32, one device.
         config: a :class:`FlexPrefillConfig`. The keywords ``gamma``, ``tau``,
             ``block_size``, ``min_budget``, ``max_budget``, ``query_aware_selection``,
-            ``min_seq_len`` and ``max_density`` override its fields.
+            ``min_seq_len`` and ``max_density`` override its fields; ``None`` leaves a
+            field as it is, except ``max_budget=None``/``max_density=None``, which switch
+            the cap/check off.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: mask backend, see :func:`flex_prefill_block_mask`.
         kernel_options: passed to ``flex_attention`` (default: tuned for Hopper, see

@@ -9,6 +9,19 @@ from typing import Any, Literal
 
 QueryAwareSelection = Literal["global", "per_row"]
 
+
+class _Unset:
+    """Type of :data:`UNSET`, the default of keywords whose ``None`` means "off"."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Default of the ``max_budget``/``max_density`` keywords: keep the config's value."""
+
+_NULLABLE = frozenset({"max_budget", "max_density"})
+
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -97,8 +110,16 @@ class FlexPrefillConfig:
         return math.ceil(self.max_budget / self.block_size)
 
     def replace(self, **changes: Any) -> FlexPrefillConfig:
-        """A copy with ``changes`` applied (validated); ``None`` values are ignored."""
-        changes = {name: value for name, value in changes.items() if value is not None}
+        """A copy with ``changes`` applied (validated).
+
+        :data:`UNSET` values are ignored, and so is ``None`` for the fields that do not
+        accept it; ``max_budget=None`` / ``max_density=None`` switch the cap / check off.
+        """
+        changes = {
+            name: value
+            for name, value in changes.items()
+            if value is not UNSET and (value is not None or name in _NULLABLE)
+        }
         return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,7 +128,7 @@ class FlexPrefillConfig:
 
 
 def resolve_config(config: FlexPrefillConfig | None, **overrides: Any) -> FlexPrefillConfig:
-    """``config`` (or the defaults) with the keyword ``overrides`` that are not ``None``."""
+    """``config`` (or the defaults) with the keyword ``overrides`` applied (see ``replace``)."""
     if config is not None and not isinstance(config, FlexPrefillConfig):
         raise TypeError(
             f"config must be a FlexPrefillConfig or None, got config of type {type(config).__name__}"

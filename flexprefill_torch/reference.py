@@ -192,11 +192,17 @@ def pool_slash(per_offset: Tensor, layout: BlockLayout) -> Tensor:
 
 
 def js_distance(p: Tensor, q: Tensor) -> Tensor:
-    """``sqrt(JSD(p ‖ q))`` over the last dim, natural log, ``0 log 0 = 0``; in ``[0, sqrt(ln 2)]``."""
+    """``sqrt(JSD(p ‖ q))`` over the last dim, natural log, ``0 log 0 = 0``; in ``[0, sqrt(ln 2)]``.
+
+    Computed in float64 and returned as float32: in float32, ``0.5 * (p + q)`` rounds to 0
+    when one probability is the smallest subnormal and the other is 0, and
+    ``xlogy(p, 0) = -inf`` would make the distance infinite.
+    """
+    p, q = p.double(), q.double()
     m = 0.5 * (p + q)
     kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
     kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
-    return (0.5 * (kl_p + kl_q)).clamp(min=0.0).sqrt()
+    return (0.5 * (kl_p + kl_q)).clamp(min=0.0, max=math.log(2.0)).sqrt().float()
 
 
 def slash_groups_through_blocks(layout: BlockLayout, device: torch.device) -> tuple[Tensor, Tensor]:
