@@ -14,6 +14,12 @@ from .config import FlexPrefillConfig
 from .info import FlexPrefillInfo
 from .integrations.transformers import collect_diagnostics, get_flex_prefill_config, patch_model
 from .layout import BlockLayout
+from .methods import (
+    flash_prefill_block_mask,
+    streaming_block_mask,
+    vertical_slash_block_mask,
+    xattention_block_mask,
+)
 from .reference import ReferenceSelection, flex_prefill_reference
 from .selection import flex_prefill_block_mask
 
@@ -26,11 +32,15 @@ __all__ = [
     "block_mask_from_active",
     "collect_diagnostics",
     "dense_causal_attention",
+    "flash_prefill_block_mask",
     "flex_prefill_attention",
     "flex_prefill_block_mask",
     "flex_prefill_reference",
     "get_flex_prefill_config",
     "patch_model",
+    "streaming_block_mask",
+    "vertical_slash_block_mask",
+    "xattention_block_mask",
 ]
 
 __version__ = "0.1.0"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -47,10 +46,12 @@ def default_kernel_options(q: Tensor, block_size: int) -> dict[str, Any] | None:
     return HOPPER_KERNEL_OPTIONS
 
 
-@functools.cache
+_COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)  # compiles lazily, on first call
+
+
 def compiled_flex_attention():
     """The process-wide compiled ``flex_attention`` (sequence lengths are dynamic)."""
-    return torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
 
 
 def run_flex_attention(
