@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .block_mask import block_mask_from_active
-from .config import FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .config import UNSET, FlexPrefillConfig, QueryAwareSelection, resolve_config
 from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .reference import flex_prefill_reference
@@ -21,11 +21,16 @@ Backend = Literal["auto", "reference", "triton"]
 def select_active_blocks(
     q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None, backend: Backend
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Active blocks ``[B, Hq, nq, nk]`` bool, ``query_aware [B, Hq]`` and ``js_distance [B, Hq]``."""
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available yet; use backend='reference' or 'auto'"
-        )
+    """Active blocks ``[B, Hq, nq, nk]`` bool, ``query_aware [B, Hq]`` and ``js_distance [B, Hq]``.
+
+    ``"triton"`` runs the device pipeline of :mod:`flexprefill_torch.kernels` (CUDA tensors,
+    or CPU tensors under ``TRITON_INTERPRET=1``); ``"auto"`` uses it for CUDA tensors and the
+    pure-PyTorch reference otherwise.
+    """
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from .kernels import triton_select_active_blocks  # imports Triton: only when used
+
+        return triton_select_active_blocks(q, k, config, scale)
     selection = flex_prefill_reference(q, k, config, scale)
     return selection.active, selection.query_aware, selection.js_distance
 
@@ -39,10 +44,10 @@ def flex_prefill_block_mask(
     tau: float | None = None,
     block_size: int | None = None,
     min_budget: int | None = None,
-    max_budget: int | None = None,
+    max_budget: int | None = UNSET,
     query_aware_selection: QueryAwareSelection | None = None,
     min_seq_len: int | None = None,
-    max_density: float | None = None,
+    max_density: float | None = UNSET,
     scale: float | None = None,
     backend: Backend = "auto",
     return_info: bool = False,
@@ -55,7 +60,8 @@ def flex_prefill_block_mask(
         config: a :class:`FlexPrefillConfig`. The keywords ``gamma``, ``tau``,
             ``block_size``, ``min_budget``, ``max_budget``, ``query_aware_selection``,
             ``min_seq_len`` and ``max_density`` override its fields (the last two only
-            matter to :func:`flex_prefill_attention`).
+            matter to :func:`flex_prefill_attention`); ``None`` leaves a field as it is,
+            except ``max_budget=None``/``max_density=None``, which switch the cap/check off.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"reference"`` (pure PyTorch), ``"triton"`` or ``"auto"``.
         return_info: also return a :class:`FlexPrefillInfo`.

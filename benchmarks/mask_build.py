@@ -1,0 +1,143 @@
+"""Mask-build time of the Triton pipeline, per stage, against dense causal SDPA.
+
+Usage (CUDA GPU)::
+
+    python benchmarks/mask_build.py                  # 8k, 32k, 128k
+    python benchmarks/mask_build.py --lengths 32768
+
+Shapes: B=1, Hq=32, Hkv=8, D=128, bfloat16, b=128, default config (γ=0.9, τ=0.1,
+min_budget=1024). Inputs are synthetic: Gaussian ``q``, ``k``; query head ``h`` is scaled
+by ``1 + 3h/(Hq-1)`` so attention ranges from nearly flat (query-aware heads) to peaked
+(vertical-slash heads). Each stage is timed alone with ``triton.testing.do_bench``
+(median) as a CUDA-graph replay with its inputs precomputed (GPU time, no launch
+overhead); "total graph" is the whole build (``triton_block_mask``: selection and index
+emission) replayed as one graph, "total eager" the same called from Python (launch and
+dispatch overhead included), "public API eager" ``flex_prefill_block_mask(backend="triton")``
+(its indices come from ``block_mask_from_active``). Dense: SDPA(is_causal=True) with the
+key/value heads expanded to 32 (same FLOPs as GQA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from flexprefill_torch.config import FlexPrefillConfig
+from flexprefill_torch.kernels.emit import emit_block_indices
+from flexprefill_torch.kernels.pattern import head_pattern
+from flexprefill_torch.kernels.pipeline import triton_block_mask, triton_selection
+from flexprefill_torch.kernels.pool import pool_blocks
+from flexprefill_torch.kernels.representative import representative_attention
+from flexprefill_torch.kernels.select import select_blocks
+from flexprefill_torch.selection import flex_prefill_block_mask
+
+
+def make_inputs(length: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, heads: int = 32,
+                kv_heads: int = 8, dim: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic ``q [1, H, L, D]``, ``k, v [1, Hkv, L, D]`` (see module docstring)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, heads, length, dim, device="cuda", generator=gen)
+    q = q * torch.linspace(1.0, 4.0, heads, device="cuda")[None, :, None, None]
+    k = torch.randn(1, kv_heads, length, dim, device="cuda", generator=gen)
+    v = torch.randn(1, kv_heads, length, dim, device="cuda", generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def bench(fn, rep: int = 200) -> float:
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def graph_time(fn) -> float:
+    """Median time of one CUDA-graph replay of ``fn``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
+def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[str, float]:
+    """Milliseconds per stage (each replayed alone as a CUDA graph) and of the whole build."""
+    b = config.block_size
+    batch, heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(dim)
+    n_q = -(-q_len // b)
+    q_pool, q_bad = pool_blocks(q, b, scale)
+    true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
+
+    def logits_fn():
+        return torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT)
+
+    logits = logits_fn().view(batch, heads, n_q, -1)
+    est, slash, js, flags, vsel, ssel = head_pattern(
+        q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale, config.tau, config.gamma
+    )
+
+    def select_fn():
+        return select_blocks(logits, flags, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
+                             config.min_blocks, -1, False, config.tau > 0)
+
+    active = select_fn()
+    out = {
+        "pool q": graph_time(lambda: pool_blocks(q, b, scale)),
+        "representative+pool k": graph_time(lambda: representative_attention(q, k, b, scale)),
+        "logits matmul": graph_time(logits_fn),
+        "pattern": graph_time(lambda: head_pattern(q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale,
+                                                   config.tau, config.gamma)),
+        "select": graph_time(select_fn),
+        "emit": graph_time(lambda: emit_block_indices(active, q_len, kv_len, b)),
+    }
+    out["sum of stages"] = sum(out.values())
+    out["total graph"] = graph_time(lambda: triton_block_mask(q, k, config))
+    out["total eager"] = bench(lambda: triton_block_mask(q, k, config))
+    out["public API eager"] = bench(lambda: flex_prefill_block_mask(q, k, config=config, backend="triton"))
+    out["query-aware heads"] = float(((flags & 1) != 0).sum())
+    out["density"] = float(active.float().sum() / (heads * n_q * (n_q + 1) / 2))
+    return out
+
+
+def dense_time(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+    """Median ms of causal SDPA with the key/value heads expanded to the query heads."""
+    group = q.shape[1] // k.shape[1]
+    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return bench(lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True), rep=500)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    configs = {"default": FlexPrefillConfig(), "tau=0 (all VS)": FlexPrefillConfig(tau=0.0)}
+    for length in args.lengths:
+        q, k, v = make_inputs(length)
+        dense = dense_time(q, k, v)
+        print(f"\n=== L = {length}: dense SDPA causal {dense:.3f} ms (2% = {0.02 * dense:.3f} ms) ===")
+        results = {name: stages(q, k, cfg) for name, cfg in configs.items()}
+        print(f"{'stage':22s}" + "".join(f"{name:>20s}" for name in results))
+        for key in next(iter(results.values())):
+            row = f"{key:22s}"
+            for res in results.values():
+                value = res[key]
+                if key in ("query-aware heads", "density"):
+                    row += f"{value:20.3f}"
+                else:
+                    row += f"{value:9.3f}ms{100 * value / dense:7.2f}%".rjust(20)
+            print(row)
+        sel = triton_selection(q, k, FlexPrefillConfig())
+        print(f"(default config: {int(sel.query_aware.sum())} query-aware heads of {q.shape[1]}, "
+              f"{int((~sel.sparse).sum())} dense fallbacks)")
+
+
+if __name__ == "__main__":
+    main()

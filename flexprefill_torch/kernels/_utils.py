@@ -1,0 +1,132 @@
+"""Helpers shared by the Triton kernels: launching, interpreter detection, in-register selection.
+
+The ``@triton.jit`` helpers here work on one row held in registers and mirror the
+selection rules of :mod:`flexprefill_torch.reference`:
+
+* :func:`mass_threshold` finds the γ-crossing of ``reference.cumulative_select`` as a
+  threshold on the float bits of the scores (non-negative floats order like their int32
+  bit patterns), by 31 steps of bisection with float64 sums; no sort.
+* :func:`top_count` keeps the ``m`` largest candidates, ties broken by index (the order of
+  a stable descending sort), as ``reference.strongest_blocks`` and ``reference.cap_blocks``.
+
+Both work on ``[R, N]`` tiles (``R`` rows at once): under the interpreter every ``tl.sum``
+costs milliseconds, so a program handles many rows per reduction.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+
+def launch(kernel: Any) -> Any:
+    """``kernel`` made traceable by ``torch.compile`` / ``make_fx`` (``wrap_triton``).
+
+    Interpreted kernels (``TRITON_INTERPRET=1``) are returned unchanged: they run eagerly.
+    """
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def interpreting(kernel: Any) -> bool:
+    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1`` (runs on CPU tensors)."""
+    return not isinstance(kernel, JITFunction)
+
+
+def check_device(x: torch.Tensor, kernel: Any) -> None:
+    """Raise a clear error when ``x`` cannot be handled by the Triton kernels."""
+    if x.is_cuda or (x.device.type == "cpu" and interpreting(kernel)):
+        return
+    raise RuntimeError(
+        "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+        f"flexprefill_torch.kernels is imported), got a tensor on {x.device}"
+    )
+
+
+def split_gamma(gamma: float) -> tuple[float, float]:
+    """``gamma`` as two float32 values whose float64 sum is ``gamma`` to ~1e-15.
+
+    Triton passes Python floats as float32; the reference compares float64 sums to the
+    float64 ``gamma``, so kernels rebuild it as ``hi.to(fp64) + lo.to(fp64)``.
+    """
+    hi = _to_float32(gamma)
+    return hi, _to_float32(gamma - hi)
+
+
+def _to_float32(value: float) -> float:
+    """``value`` rounded to float32 (pure Python: traceable by ``torch.compile``)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """The smallest power of two ``>= max(n, minimum)``."""
+    return max(minimum, triton.next_power_of_2(max(int(n), 1)))
+
+
+@triton.jit
+def as_f32(x):
+    """A float scalar argument as float32 (``torch.compile`` passes Python floats as float64)."""
+    return (x + tl.zeros([], dtype=tl.float32)).to(tl.float32)
+
+
+@triton.jit
+def gamma_f64(gamma_hi, gamma_lo):
+    """float64 ``gamma`` from the two float32 halves of :func:`split_gamma`."""
+    zero = tl.zeros([], dtype=tl.float64)
+    return (gamma_hi + zero) + (gamma_lo + zero)
+
+
+@triton.jit
+def float_key(x):
+    """int32 bit pattern of float32 ``x``: ordered like ``x`` for ``x >= 0``."""
+    return x.to(tl.float32).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def mass_threshold(x, cand, base, gamma):
+    """Per row, the largest key ``k >= 0`` with ``base + sum(x[cand & key(x) >= k]) >= gamma``.
+
+    Args:
+        x: ``[R, N]`` float32 scores, ``>= 0`` where ``cand``; cand: ``[R, N]`` bool.
+        base: ``[R]`` float64, the mass already taken (forced entries); gamma: float64 scalar.
+
+    Returns ``[R]`` int32 (0 where even all candidates stay below γ). The entries
+    ``cand & key(x) >= k`` are exactly those ``reference.cumulative_select`` takes (all of
+    them when the candidates never reach γ, none when ``base >= gamma``), up to ties at
+    the crossing value, which are all kept here.
+    """
+    key = float_key(x)
+    mass = tl.where(cand, x, 0.0).to(tl.float64)
+    kappa = (base * 0.0).to(tl.int32)
+    for it in range(31):  # bits 30..0
+        trial = kappa | (0x40000000 >> it)
+        total = base + tl.sum(tl.where(cand & (key >= trial[:, None]), mass, 0.0), axis=1)
+        kappa = tl.where(total >= gamma, trial, kappa)
+    return kappa
+
+
+@triton.jit
+def top_count(key, cand, m):
+    """``[R, N]`` bool: per row the ``m`` candidates with the largest ``key`` (all if fewer).
+
+    ``key`` is ``float_key`` of non-negative scores; ``m`` a scalar or ``[R]``. Equal keys
+    are taken in increasing index order, as a stable descending sort would.
+    """
+    # largest k with #{cand & key >= k} >= m, bit by bit from the top
+    count = tl.sum((cand & (key >= (1 << 30))).to(tl.int32), axis=1)
+    kappa = tl.where(count >= m, 1 << 30, 0)
+    for it in range(1, 31):
+        trial = kappa | (0x40000000 >> it)
+        count = tl.sum((cand & (key >= trial[:, None])).to(tl.int32), axis=1)
+        kappa = tl.where(count >= m, trial, kappa)
+    above = cand & (key > kappa[:, None])
+    room = m - tl.sum(above.to(tl.int32), axis=1)
+    tie = cand & (key == kappa[:, None])
+    rank = tl.cumsum(tie.to(tl.int32), axis=1)
+    return above | (tie & (rank <= room[:, None]))

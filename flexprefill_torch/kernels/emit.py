@@ -1,0 +1,83 @@
+"""BlockMask index emission straight from the active map.
+
+Must match ``block_mask.indices_from_map`` applied, as ``block_mask.block_mask_from_active``
+does, to ``active & visible & ~full`` (partial blocks) and ``active & visible & full``
+(full blocks): per row the ``num`` active key blocks in increasing order, followed by the
+inactive ones in increasing order (exactly the stable ``argsort`` of the reference, so the
+index tensors are identical, not only their first ``num`` entries).
+
+One program per (query head, query-block row); a row prefix sum (``tl.cumsum``) gives
+every block its output slot, so each slot is written exactly once (no memset).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import check_device, launch, next_pow2
+
+
+@triton.jit
+def _emit_row(blocks, j, j_ok, num_ptr, idx_ptr, row, out):
+    """Write ``num`` and the ordered indices of one row's ``blocks`` (``[BLOCK_NK]`` bool)."""
+    count = tl.sum(blocks.to(tl.int32), axis=0)
+    taken = tl.cumsum(blocks.to(tl.int32), axis=0) - 1
+    skipped = count + tl.cumsum((j_ok & ~blocks).to(tl.int32), axis=0) - 1
+    slot = tl.where(blocks, taken, skipped)
+    tl.store(idx_ptr + out + slot, j, mask=j_ok)
+    tl.store(num_ptr + row, count)
+
+
+@triton.jit
+def _emit_kernel(
+    active_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+    q_len, kv_len, n_q_blocks, n_kv_blocks,
+    BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr,
+):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    offset = kv_len - q_len
+    j = tl.arange(0, BLOCK_NK)
+    j_ok = j < n_kv_blocks
+    row = bh.to(tl.int64) * n_q_blocks + i
+    out = row * n_kv_blocks
+    q_first = offset + i * BLOCK
+    q_last = offset + tl.minimum((i + 1) * BLOCK, q_len) - 1
+    k_last = tl.minimum(j * BLOCK + BLOCK, kv_len) - 1
+    visible = j_ok & (j * BLOCK <= q_last)
+    full = (k_last <= q_first) & (i < q_len // BLOCK) & (j < kv_len // BLOCK)
+    active = visible & (tl.load(active_ptr + out + j, mask=j_ok, other=0) != 0)
+    _emit_row(active & ~full, j, j_ok, kv_num_ptr, kv_idx_ptr, row, out)
+    _emit_row(active & full, j, j_ok, full_num_ptr, full_idx_ptr, row, out)
+
+
+@torch.library.triton_op("flexprefill::emit_block_indices", mutates_args=())
+def emit_block_indices(
+    active: Tensor, q_len: int, kv_len: int, block_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``BlockMask.from_kv_blocks`` inputs of an active map.
+
+    Args:
+        active: ``[B, H, nq, nk]`` bool; blocks outside the causal region are ignored.
+        q_len, kv_len, block_size: ``Lq``, ``Lk``, ``b``.
+
+    Returns:
+        ``kv_num_blocks [B, H, nq]``, ``kv_indices [B, H, nq, nk]`` (partial blocks: cut by
+        the causal boundary or the sequence end), ``full_kv_num_blocks``,
+        ``full_kv_indices`` (full blocks), all int32.
+    """
+    check_device(active, _emit_kernel)
+    batch, heads, n_q, n_kv = active.shape
+    num = torch.empty(batch, heads, n_q, device=active.device, dtype=torch.int32)
+    idx = torch.empty(batch, heads, n_q, n_kv, device=active.device, dtype=torch.int32)
+    full_num = torch.empty_like(num)
+    full_idx = torch.empty_like(idx)
+    block_nk = next_pow2(n_kv)
+    launch(_emit_kernel)[(n_q, batch * heads)](
+        active.contiguous(), num, idx, full_num, full_idx, q_len, kv_len, n_q, n_kv,
+        BLOCK=block_size, BLOCK_NK=block_nk, num_warps=8 if block_nk >= 2048 else 4,
+    )
+    return num, idx, full_num, full_idx

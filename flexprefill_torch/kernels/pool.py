@@ -1,0 +1,104 @@
+"""Mean pooling of queries or keys per block of ``b`` rows.
+
+Must match ``reference.pool_blocks`` (a short last block is averaged over its real rows).
+One memory-bound pass over the input in its own dtype (no float32 copy of ``q``/``k``);
+the sums are float32. Also counts the non-finite pooled values per block, which the
+pipeline uses for the reference's dense fallback (a head with a non-finite pooled query
+or key keeps every visible block).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import as_f32, check_device, interpreting, launch, next_pow2
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr,
+    out_ptr,
+    bad_ptr,
+    heads,
+    length,
+    dim,
+    n_blocks,
+    stride_b,
+    stride_h,
+    stride_l,
+    stride_d,
+    scale,
+    BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    batch = bh // heads
+    head = bh % heads
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    base = x_ptr + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    scale = as_f32(scale)
+    for step in range(BLOCKS_PER_PROG):
+        blk = tl.program_id(1) * BLOCKS_PER_PROG + step
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in tl.static_range(0, BLOCK, SUB):
+            rows = blk * BLOCK + start + tl.arange(0, SUB)
+            mask = (rows < length)[:, None] & col_ok[None, :]
+            ptrs = base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_d
+            acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), axis=0)
+        count = tl.maximum(tl.minimum(length - blk * BLOCK, BLOCK), 1)
+        mean = acc / count.to(tl.float32)
+        in_range = blk < n_blocks
+        tl.store(out_ptr + (bh.to(tl.int64) * n_blocks + blk) * dim + cols, scale * mean, mask=col_ok & in_range)
+        bad = tl.sum((col_ok & ~(tl.abs(mean) < float("inf"))).to(tl.int32), axis=0)
+        tl.store(bad_ptr + bh.to(tl.int64) * n_blocks + blk, bad, mask=in_range)
+
+
+@torch.library.triton_op("flexprefill::pool_blocks", mutates_args=())
+def pool_blocks(x: Tensor, block_size: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Block means of ``x`` (times ``scale``) and the count of non-finite means per block.
+
+    Args:
+        x: ``[B, H, L, D]`` float16/bfloat16/float32, any strides.
+        block_size: ``b``; scale: factor applied to the means (the pipeline passes the
+            softmax scale, as the reference's ``scale * q_pool``).
+
+    Returns:
+        ``pooled [B, H, n, D]`` float32 with ``n = ceil(L / b)``: ``scale *
+        reference.pool_blocks(x)``, and ``bad [B, H, n]`` int32, the number of non-finite
+        entries of each (unscaled) mean.
+    """
+    check_device(x, _pool_kernel)
+    batch, heads, length, dim = x.shape
+    n_blocks = -(-length // block_size)
+    pooled = torch.empty(batch, heads, n_blocks, dim, device=x.device, dtype=torch.float32)
+    bad = torch.empty(batch, heads, n_blocks, device=x.device, dtype=torch.int32)
+    block_d = next_pow2(dim)
+    sub = max(1, min(block_size, 8192 // block_d))
+    # one block per program on a GPU (measured faster than looping); whole heads when interpreted
+    per_prog = next_pow2(n_blocks, 1) if interpreting(_pool_kernel) else 1
+    launch(_pool_kernel)[(batch * heads, -(-n_blocks // per_prog))](
+        x,
+        pooled,
+        bad,
+        heads,
+        length,
+        dim,
+        n_blocks,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        scale,
+        BLOCK=block_size,
+        SUB=sub,
+        BLOCK_D=block_d,
+        BLOCKS_PER_PROG=per_prog,
+        num_warps=4,
+    )
+    return pooled, bad

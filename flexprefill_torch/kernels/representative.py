@@ -1,0 +1,259 @@
+"""Representative attention: the last ``r = min(b, Lq)`` queries against every key.
+
+Must match ``reference.representative_attention`` followed by ``reference.pool_slash``:
+``â[j]`` (mean attention mass of key block ``j``) and the slash mass per offset group
+``g = (p_i - t) // b``, without materialising the ``r × Lk`` probabilities. The same pass
+also pools the keys (``reference.pool_blocks`` of ``k``), since it reads every key tile.
+
+One pass over the keys plus a light combine:
+
+1. :func:`_tile_kernel`, a grid of (query head, range of key blocks; split-K): per key
+   block ``j`` and query row ``i`` it keeps the row max ``m`` of the logits in the block
+   and the sums of ``exp(logit - m)`` over the keys of each of the (at most three)
+   offset groups the ``(r × b)`` tile touches: group ``C - j + d``, ``d = 0, 1, 2``
+   (``C`` depends only on the lengths; ``d`` is fixed by ``t - i``, see
+   :func:`slash_origin`). It also writes each split's partial log-sum-exp per row and,
+   from the programs of the first query head of each GQA group, the pooled keys.
+2. :func:`_mass_kernel` combines the partial log-sum-exps (fixed order) and turns the
+   per-block statistics into ``â[j]`` and ``parts[j, d]`` (probability mass of block
+   ``j`` in group ``C - j + d``). The slash mass of group ``g`` is ``Σ_d parts[C + d - g, d]``,
+   a fixed-order gather (fused into :mod:`.pattern`; :func:`slash_from_parts` in torch):
+   no atomics, no per-offset array.
+
+GQA: the programs of the query heads sharing a key head are adjacent in the grid (the
+head is the fastest grid axis), so a key tile is read from HBM once and from L2 by the
+other heads of its group.
+
+Precision: float32 inputs use an IEEE float32 ``tl.dot`` of ``scale * q`` (the reference's
+order of operations); float16/bfloat16 inputs use the tensor-core dot (exact products,
+float32 accumulation) scaled afterwards. Under the interpreter the operands are upcast
+(the CPU interpreter mishandles low-precision ``tl.dot``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import as_f32, check_device, interpreting, launch, next_pow2
+
+
+@triton.jit
+def _load_queries(q_ptr, bh, q_heads, q_len, dim, r, stride_qb, stride_qh, stride_ql, stride_qd, scale,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr):
+    """The last ``r`` queries of head ``bh`` as a ``[BLOCK_R, BLOCK_D]`` tile (rows >= r are 0)."""
+    batch = bh // q_heads
+    head = bh % q_heads
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+            + (q_len - r + rows).to(tl.int64)[:, None] * stride_ql + cols[None, :] * stride_qd)
+    q = tl.load(ptrs, mask=(rows < r)[:, None] & (cols < dim)[None, :], other=0.0)
+    if FP32_DOT:
+        q = as_f32(scale) * q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _tile_kernel(
+    q_ptr, k_ptr, stats_ptr, lse_ptr, k_pool_ptr, k_bad_ptr,
+    q_heads, group, q_len, kv_len, dim, r, n_kv_blocks, n_splits, rem, scale,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    scale = as_f32(scale)
+    q = _load_queries(q_ptr, bh, q_heads, q_len, dim, r, stride_qb, stride_qh, stride_ql, stride_qd,
+                      scale, BLOCK_R, BLOCK_D, FP32_DOT)
+    batch = bh // q_heads
+    k_head = (bh % q_heads) // group
+    pool_here = (bh % q_heads) % group == 0  # one query head per key head pools the keys
+    bkv = (batch * (q_heads // group) + k_head).to(tl.int64)
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + k_head.to(tl.int64) * stride_kh
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    rows = tl.arange(0, BLOCK_R)
+    position = kv_len - r + rows
+    row_ok = rows < r
+    m_split = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_split = tl.zeros([BLOCK_R], dtype=tl.float32)
+    first_row = (tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BLOCK_N)[None, :] >= 0)
+    first_row = first_row.to(tl.float32 if FP32_DOT else k_ptr.dtype.element_ty)
+    for step in range(BLOCKS_PER_SPLIT):
+        j = split * BLOCKS_PER_SPLIT + step
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        l1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        l2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        k_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c_first in tl.static_range(0, BLOCK, BLOCK_N):
+            c = c_first + tl.arange(0, BLOCK_N)
+            keys = j * BLOCK + c
+            ptrs = k_base + keys.to(tl.int64)[:, None] * stride_kl + cols[None, :] * stride_kd
+            kt = tl.load(ptrs, mask=(keys < kv_len)[:, None] & col_ok[None, :], other=0.0)
+            if pool_here:  # column sums on the tensor cores: row 0 of ones(0-th row) @ kt
+                if FP32_DOT:
+                    k_sum += tl.sum(tl.dot(first_row, kt.to(tl.float32), input_precision="ieee"), axis=0)
+                else:
+                    k_sum += tl.sum(tl.dot(first_row, kt), axis=0)
+            if FP32_DOT:
+                logits = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+            else:
+                logits = tl.dot(q, tl.trans(kt)) * scale
+            ok = row_ok[:, None] & (keys[None, :] <= position[:, None])
+            logits = tl.where(ok, logits, float("-inf"))
+            m_new = tl.maximum(m, tl.max(logits, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            p = tl.exp(logits - m_ref[:, None])
+            # offset group of (row i, key j*b + c) is C - j + d: d = 0 iff c - i >= rem,
+            # d = 2 iff c - i <= rem - b - 1, else d = 1
+            low = c[None, :] >= rows[:, None] + rem
+            high = c[None, :] <= rows[:, None] + (rem - BLOCK - 1)
+            l0 = l0 * alpha + tl.sum(tl.where(low, p, 0.0), axis=1)
+            l2 = l2 * alpha + tl.sum(tl.where(high, p, 0.0), axis=1)
+            l1 = l1 * alpha + tl.sum(tl.where(low | high, 0.0, p), axis=1)
+            m = m_new
+        out = stats_ptr + ((bh.to(tl.int64) * n_kv_blocks + j) * 4) * BLOCK_R + rows
+        in_range = j < n_kv_blocks
+        tl.store(out, m, mask=in_range)
+        tl.store(out + BLOCK_R, l0, mask=in_range)
+        tl.store(out + 2 * BLOCK_R, l1, mask=in_range)
+        tl.store(out + 3 * BLOCK_R, l2, mask=in_range)
+        # running log-sum-exp of the split
+        top = tl.maximum(m_split, m)
+        top_ref = tl.where(top == float("-inf"), 0.0, top)
+        l_split = l_split * tl.exp(m_split - top_ref) + (l0 + l1 + l2) * tl.exp(m - top_ref)
+        m_split = top
+        if pool_here:
+            count = tl.maximum(tl.minimum(kv_len - j * BLOCK, BLOCK), 1).to(tl.float32)
+            mean = k_sum / count
+            tl.store(k_pool_ptr + (bkv * n_kv_blocks + j) * dim + cols, mean, mask=col_ok & in_range)
+            bad = tl.sum((col_ok & ~(tl.abs(mean) < float("inf"))).to(tl.int32), axis=0)
+            tl.store(k_bad_ptr + bkv * n_kv_blocks + j, bad, mask=in_range)
+    lse = tl.where(l_split > 0.0, m_split + tl.log(tl.where(l_split > 0.0, l_split, 1.0)), float("-inf"))
+    tl.store(lse_ptr + (bh.to(tl.int64) * n_splits + split) * BLOCK_R + rows, lse)
+
+
+@triton.jit
+def _mass_kernel(
+    stats_ptr, lse_ptr, true_ptr, parts_ptr,
+    r, n_kv_blocks, n_splits, inv_r,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    inv_r = as_f32(inv_r)
+    rows = tl.arange(0, BLOCK_R)
+    row_ok = rows < r
+    # log-sum-exp of each row from the splits' partials (fixed order: deterministic)
+    splits = tl.arange(0, BLOCK_S)
+    part = tl.load(lse_ptr + (bh.to(tl.int64) * n_splits + splits[:, None]) * BLOCK_R + rows[None, :],
+                   mask=(splits < n_splits)[:, None], other=float("-inf"))
+    top = tl.max(part, axis=0)
+    top_ref = tl.where(top == float("-inf"), 0.0, top)
+    total_exp = tl.sum(tl.exp(part - top_ref[None, :]), axis=0)
+    lse = top_ref + tl.log(tl.where(row_ok, total_exp, 1.0))
+
+    j = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    ok = (j < n_kv_blocks)[:, None] & row_ok[None, :]
+    base = stats_ptr + ((bh.to(tl.int64) * n_kv_blocks + j) * 4)[:, None] * BLOCK_R + rows[None, :]
+    m = tl.load(base, mask=ok, other=float("-inf"))
+    weight = tl.where(ok & (m > float("-inf")), tl.exp(m - lse[None, :]), 0.0)
+    l0 = tl.load(base + BLOCK_R, mask=ok, other=0.0) * weight
+    l1 = tl.load(base + 2 * BLOCK_R, mask=ok, other=0.0) * weight
+    l2 = tl.load(base + 3 * BLOCK_R, mask=ok, other=0.0) * weight
+    out = bh.to(tl.int64) * n_kv_blocks + j
+    in_range = j < n_kv_blocks
+    tl.store(true_ptr + out, tl.sum(l0 + l1 + l2, axis=1) * inv_r, mask=in_range)
+    tl.store(parts_ptr + out * 3, tl.sum(l0, axis=1) * inv_r, mask=in_range)
+    tl.store(parts_ptr + out * 3 + 1, tl.sum(l1, axis=1) * inv_r, mask=in_range)
+    tl.store(parts_ptr + out * 3 + 2, tl.sum(l2, axis=1) * inv_r, mask=in_range)
+
+
+def slash_origin(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
+    """``(rem, C)``: ``rem = (Lk - r + 1) mod b`` and the group ``C`` of ``parts[0, 0]``.
+
+    ``parts[j, d]`` holds the mass of offset group ``C - j + d``.
+    """
+    r = min(block_size, q_len)
+    rem = (kv_len - r + 1) % block_size
+    origin = (kv_len - r + 1 - block_size - rem) // block_size
+    return rem, origin
+
+
+@torch.library.triton_op("flexprefill::representative_attention", mutates_args=())
+def representative_attention(
+    q: Tensor, k: Tensor, block_size: int, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``â``, the per-block slash parts, and the pooled keys.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]`` (same dtype, any strides).
+        block_size: ``b``; scale: softmax scale.
+
+    Returns:
+        ``true_blocks [B, Hq, nk]`` float32, ``â`` of ``reference.representative_attention``;
+        ``parts [B, Hq, nk, 3]`` float32: ``parts[j, d]`` is the mean mass of key block ``j``
+        in offset group ``C - j + d`` (see :func:`slash_origin`, :func:`slash_from_parts`);
+        ``k_pool [B, Hkv, nk, D]`` float32 (``reference.pool_blocks(k)``) and
+        ``k_bad [B, Hkv, nk]`` int32, the non-finite entries of each pooled key.
+    """
+    check_device(q, _tile_kernel)
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    r = min(block_size, q_len)
+    n_kv = -(-kv_len // block_size)
+    bh = batch * q_heads
+    interp = interpreting(_tile_kernel)
+    block_r = next_pow2(r)
+    block_d = next_pow2(dim)
+    block_n = min(block_size, max(16, 16384 // max(block_r, block_d)))
+    fp32_dot = q.dtype == torch.float32 or interp
+    rem, _ = slash_origin(q_len, kv_len, block_size)
+    dev = q.device
+
+    # split-K over key blocks: ~1024 programs on a GPU (few, large ones when interpreted)
+    splits = max(1, min(n_kv, 2 if interp else 64, -(-1024 // bh)))
+    per_split = triton.next_power_of_2(-(-n_kv // splits))
+    n_splits = -(-n_kv // per_split)
+    stats = torch.empty(bh, n_kv, 4, block_r, device=dev, dtype=torch.float32)
+    lse = torch.empty(bh, n_splits, block_r, device=dev, dtype=torch.float32)
+    k_pool = torch.empty(batch, kv_heads, n_kv, dim, device=dev, dtype=torch.float32)
+    k_bad = torch.empty(batch, kv_heads, n_kv, device=dev, dtype=torch.int32)
+    launch(_tile_kernel)[(bh, n_splits)](
+        q, k, stats, lse, k_pool, k_bad, q_heads, group, q_len, kv_len, dim, r, n_kv, n_splits, rem, scale,
+        *q.stride(), *k.stride(),
+        BLOCK=block_size, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCKS_PER_SPLIT=per_split, FP32_DOT=fp32_dot, num_warps=8 if block_r * block_n >= 16384 else 4,
+    )
+    blocks = next_pow2(n_kv, 1) if interp else max(1, min(next_pow2(n_kv, 1), 4096 // block_r))
+    true_blocks = torch.empty(batch, q_heads, n_kv, device=dev, dtype=torch.float32)
+    parts = torch.empty(batch, q_heads, n_kv, 3, device=dev, dtype=torch.float32)
+    launch(_mass_kernel)[(bh, -(-n_kv // blocks))](
+        stats, lse, true_blocks, parts, r, n_kv, n_splits, 1.0 / r,
+        BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits), BLOCKS=blocks, num_warps=4,
+    )
+    return true_blocks, parts, k_pool, k_bad
+
+
+def slash_from_parts(parts: Tensor, q_len: int, kv_len: int, block_size: int) -> Tensor:
+    """Slash mass per offset group, ``[..., nk, 3] -> [..., nk]`` (``reference.pool_slash``).
+
+    Plain torch gather-and-add (three fixed-order terms); the pipeline fuses the same sum
+    into :mod:`.pattern`. Used by the tests.
+    """
+    _, origin = slash_origin(q_len, kv_len, block_size)
+    n = parts.shape[-2]
+    groups = torch.arange(n, device=parts.device)
+    slash = torch.zeros(parts.shape[:-1], device=parts.device, dtype=parts.dtype)
+    for d in range(3):
+        j = origin + d - groups
+        ok = (j >= 0) & (j < n)
+        slash = slash + torch.where(ok, parts[..., j.clamp(0, n - 1), d], 0.0)
+    return slash

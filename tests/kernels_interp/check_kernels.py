@@ -1,0 +1,297 @@
+"""Each Triton kernel against its reference function, and the whole pipeline.
+
+Run by ``tests/test_kernels.py`` in a subprocess with ``TRITON_INTERPRET=1`` (CPU tensors,
+the Triton interpreter); the name does not match ``test_*.py`` so the main pytest run does
+not collect it. It also runs on a CUDA GPU without the interpreter::
+
+    TRITON_INTERPRET=1 python -m pytest tests/kernels_interp/check_kernels.py -q   # CPU
+    python -m pytest tests/kernels_interp/check_kernels.py -q                      # GPU
+
+Inputs are random and continuous (no ties): float32 selections must be identical.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexprefill_torch import reference as R
+from flexprefill_torch.block_mask import block_mask_from_active, indices_from_map
+from flexprefill_torch.config import FlexPrefillConfig
+from flexprefill_torch.layout import BlockLayout
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 (set before import) or a CUDA GPU", allow_module_level=True)
+
+from flexprefill_torch.kernels import triton_block_mask, triton_selection  # noqa: E402
+from flexprefill_torch.kernels.emit import emit_block_indices  # noqa: E402
+from flexprefill_torch.kernels.pattern import head_pattern  # noqa: E402
+from flexprefill_torch.kernels.pool import pool_blocks  # noqa: E402
+from flexprefill_torch.kernels.representative import representative_attention, slash_from_parts  # noqa: E402
+from flexprefill_torch.kernels.select import select_blocks  # noqa: E402
+from flexprefill_torch.selection import flex_prefill_block_mask  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+
+
+def _qk(batch, kv_heads, group, q_len, kv_len, dim, dtype=torch.float32, seed=0, spread=2.0):
+    """Random q, k; query heads get increasing temperatures (flat to peaked attention)."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = kv_heads * group
+    temp = torch.linspace(1.0, spread, heads)[None, :, None, None]
+    q = torch.randn(batch, heads, q_len, dim, generator=gen) * temp
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=gen)
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype)
+
+
+def _reference_rules(logits, flags, true_blocks, slash, vsel, ssel, layout, config):
+    """The reference's step 4-5 and block rules, fed with the kernel's intermediates."""
+    device = logits.device
+    visible = layout.visible(device)
+    block_scores = torch.softmax(logits.masked_fill(~visible, -math.inf), -1).nan_to_num(0.0)
+    vs_scores = R.vertical_slash_block_scores(true_blocks, slash, layout)
+    query_aware = (flags & 1) != 0
+    sparse = (flags & 2) != 0
+    scores = torch.where(query_aware[..., None, None], block_scores, vs_scores)
+    sink = torch.zeros_like(visible)
+    sink[:, 0] = True
+    forced = (sink | layout.diagonal(device)) & visible
+    forced = forced | R.strongest_blocks(scores, visible, config.min_blocks)
+    qa_selected = R.select_query_aware(block_scores, forced, visible, config)
+    vs_active = R.extend_lines(vsel, ssel, layout) | forced
+    active = torch.where(query_aware[..., None, None], qa_selected, vs_active) & visible
+    if config.max_blocks is not None:
+        active = R.cap_blocks(active, forced, scores, config.max_blocks)
+    return torch.where(sparse[..., None, None], active, visible)
+
+
+# ---------------------------------------------------------------- pooling
+
+
+@pytest.mark.parametrize(
+    ("length", "block", "dtype"),
+    [(77, 16, torch.float32), (64, 32, torch.float32), (100, 64, torch.float16), (5, 16, torch.bfloat16)],
+)
+def test_pool_blocks(length, block, dtype):
+    x = torch.randn(2, 5, length, 3, 24).to(DEVICE, dtype)[:, :, :, 1]  # strided
+    pooled, bad = pool_blocks(x, block, 0.3)
+    expected = 0.3 * R.pool_blocks(x.float(), block)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(pooled, expected, atol=tol, rtol=tol)
+    assert int(bad.sum()) == 0
+    x = x.clone()
+    x[1, 2, length - 1, 7] = float("inf")
+    with warnings.catch_warnings():  # the interpreter warns about inf arithmetic
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, bad = pool_blocks(x, block)
+    assert bad[1, 2, -1] == 1 and int(bad.sum()) == 1
+
+
+# ---------------------------------------------------------------- representative attention
+
+
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "q_len", "kv_len", "block", "dtype"),
+    [
+        (2, 2, 2, 77, 100, 16, torch.float32),
+        (1, 1, 1, 40, 40, 32, torch.float32),
+        (1, 2, 3, 10, 90, 16, torch.float32),
+        (1, 1, 2, 130, 200, 64, torch.float32),
+        (2, 1, 2, 33, 70, 32, torch.float16),
+        (1, 2, 1, 5, 300, 16, torch.bfloat16),
+    ],
+)
+def test_representative_attention(batch, kv_heads, group, q_len, kv_len, block, dtype):
+    q, k = _qk(batch, kv_heads, group, q_len, kv_len, 24, dtype, spread=3.0)
+    scale = 1 / math.sqrt(24)
+    true_blocks, parts, k_pool, k_bad = representative_attention(q, k, block, scale)
+    layout = BlockLayout(q_len, kv_len, block)
+    ref_true, ref_offsets = R.representative_attention(
+        q.float(), k.float().repeat_interleave(group, 1), layout, scale
+    )
+    torch.testing.assert_close(true_blocks, ref_true, atol=1e-5, rtol=1e-5)
+    slash = slash_from_parts(parts, q_len, kv_len, block)
+    torch.testing.assert_close(slash, R.pool_slash(ref_offsets, layout), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_pool, R.pool_blocks(k.float(), block), atol=1e-5, rtol=1e-5)
+    assert int(k_bad.sum()) == 0
+    torch.testing.assert_close(true_blocks.sum(-1), torch.ones_like(true_blocks[..., 0]), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- pattern, selection
+
+
+def _stages(q, k, config):
+    layout = BlockLayout(q.shape[2], k.shape[2], config.block_size)
+    scale = 1 / math.sqrt(q.shape[-1])
+    q_pool, q_bad = pool_blocks(q, config.block_size, scale)
+    true_blocks, parts, k_pool, k_bad = representative_attention(q, k, config.block_size, scale)
+    group = q.shape[1] // k.shape[1]
+    logits = q_pool @ k_pool.repeat_interleave(group, 1).mT
+    outs = head_pattern(q, k_pool, true_blocks, parts, q_bad, k_bad, config.block_size, k.shape[2], scale,
+                        config.tau, config.gamma)
+    return layout, scale, q_pool, k_pool, true_blocks, logits, outs
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.05, 1.0])
+def test_head_pattern(tau):
+    config = FlexPrefillConfig(block_size=16, min_budget=32, tau=tau, gamma=0.85)
+    q, k = _qk(2, 2, 2, 70, 100, 32, spread=4.0, seed=1)
+    layout, scale, q_pool, k_pool, true_blocks, _, outs = _stages(q, k, config)
+    estimate, slash, js, flags, vsel, ssel = outs
+    r = min(config.block_size, q.shape[2])
+    group = q.shape[1] // k.shape[1]
+    ref_estimate = torch.softmax(
+        scale * q.float()[..., -r:, :].mean(-2, keepdim=True) @ k_pool.repeat_interleave(group, 1).mT, -1
+    ).squeeze(-2)
+    torch.testing.assert_close(estimate, ref_estimate, atol=1e-6, rtol=1e-5)
+    ref_js = R.js_distance(ref_estimate, true_blocks)
+    torch.testing.assert_close(js, ref_js, atol=1e-6, rtol=1e-5)
+    assert torch.equal((flags & 1) != 0, js < tau)
+    assert bool(((flags & 2) != 0).all())
+    first = torch.zeros_like(vsel)
+    first[..., 0] = True
+    assert torch.equal(vsel, R.cumulative_select(true_blocks, first, config.gamma))
+    assert torch.equal(ssel, R.cumulative_select(slash, torch.zeros_like(ssel), config.gamma))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/inf inputs, on purpose
+def test_dense_fallback_flags():
+    config = FlexPrefillConfig(block_size=16, min_budget=16)
+    q, k = _qk(1, 2, 2, 48, 64, 16)
+    q[0, 1, 3, 2] = float("nan")
+    k[0, 1, 60, 0] = float("inf")
+    *_, outs = _stages(q, k, config)
+    sparse = (outs[3] & 2) != 0
+    assert sparse.tolist() == [[True, False, False, False]]
+    dense = _stages(q, k, config.replace(gamma=1.0))[-1][3]
+    assert bool(((dense & 2) == 0).all())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        FlexPrefillConfig(block_size=16, min_budget=32, tau=0.1, gamma=0.9),
+        FlexPrefillConfig(block_size=16, min_budget=16, tau=1.0, gamma=0.8, query_aware_selection="per_row"),
+        FlexPrefillConfig(block_size=16, min_budget=32, tau=0.2, gamma=0.95, max_budget=64),
+        FlexPrefillConfig(block_size=32, min_budget=0, tau=0.0, gamma=0.7),
+    ],
+    ids=["global", "per_row", "cap", "vs_only"],
+)
+def test_select_blocks(config):
+    q, k = _qk(1, 2, 2, 90, 130, 32, spread=4.0, seed=2)
+    layout, _, _, _, true_blocks, logits, outs = _stages(q, k, config)
+    _, slash, _, flags, vsel, ssel = outs
+    max_blocks = -1 if config.max_blocks is None else config.max_blocks
+    active = select_blocks(
+        logits, flags, true_blocks, slash, vsel, ssel, layout.q_len, layout.kv_len, config.block_size,
+        config.gamma, config.min_blocks, max_blocks, config.query_aware_selection == "per_row", config.tau > 0,
+    )
+    expected = _reference_rules(logits, flags, true_blocks, slash, vsel, ssel, layout, config)
+    assert torch.equal(active, expected)
+    assert not bool(active[..., ~layout.visible(DEVICE)].any())
+
+
+# ---------------------------------------------------------------- emission
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "block"), [(64, 64, 16), (50, 130, 32), (7, 40, 16)])
+def test_emit_block_indices(q_len, kv_len, block):
+    layout = BlockLayout(q_len, kv_len, block)
+    gen = torch.Generator().manual_seed(q_len)
+    active = (torch.rand(2, 3, layout.num_q_blocks, layout.num_kv_blocks, generator=gen) < 0.5).to(DEVICE)
+    num, idx, full_num, full_idx = emit_block_indices(active, q_len, kv_len, block)
+    visible, full = layout.visible(DEVICE), layout.full(DEVICE)
+    ref_num, ref_idx = indices_from_map(active & visible & ~full)
+    ref_full_num, ref_full_idx = indices_from_map(active & visible & full)
+    assert torch.equal(num, ref_num) and torch.equal(idx, ref_idx)
+    assert torch.equal(full_num, ref_full_num) and torch.equal(full_idx, ref_full_idx)
+
+
+# ---------------------------------------------------------------- whole pipeline
+
+
+PIPELINE_CASES = [
+    # batch, kv_heads, group, q_len, kv_len, dim, config
+    (2, 2, 2, 77, 100, 32, FlexPrefillConfig(block_size=16, min_budget=32, tau=0.1, gamma=0.9)),
+    (1, 2, 1, 130, 200, 32, FlexPrefillConfig(block_size=32, min_budget=64, tau=0.0, gamma=0.8)),
+    (1, 1, 3, 130, 200, 32, FlexPrefillConfig(block_size=32, min_budget=32, tau=1.0, gamma=0.8)),
+    (1, 2, 2, 100, 100, 16, FlexPrefillConfig(block_size=16, min_budget=16, tau=1.0, gamma=0.7,
+                                               query_aware_selection="per_row")),
+    (1, 2, 2, 100, 160, 32, FlexPrefillConfig(block_size=16, min_budget=16, tau=0.3, gamma=0.9, max_budget=64)),
+    (1, 1, 2, 150, 150, 64, FlexPrefillConfig(block_size=64, min_budget=64, tau=0.2, gamma=0.95)),
+    (2, 1, 1, 12, 200, 16, FlexPrefillConfig(block_size=16, min_budget=0, tau=0.5, gamma=0.6)),
+]
+
+
+@pytest.mark.parametrize(("batch", "kv_heads", "group", "q_len", "kv_len", "dim", "config"), PIPELINE_CASES)
+def test_pipeline_matches_reference(batch, kv_heads, group, q_len, kv_len, dim, config):
+    q, k = _qk(batch, kv_heads, group, q_len, kv_len, dim, spread=4.0, seed=q_len + kv_len)
+    mine = triton_selection(q, k, config)
+    ref = R.flex_prefill_reference(q, k, config)
+    assert torch.equal(mine.query_aware, ref.query_aware)
+    torch.testing.assert_close(mine.js_distance, ref.js_distance, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mine.true_blocks, ref.true_blocks, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mine.slash, ref.slash, atol=1e-6, rtol=1e-5)
+    assert torch.equal(mine.vertical_selected, ref.vertical_selected)
+    assert torch.equal(mine.slash_selected, ref.slash_selected)
+    assert torch.equal(mine.active, ref.active)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pipeline_low_precision(dtype):
+    """The reference upcasts to float32, the kernels accumulate in float32: same blocks."""
+    config = FlexPrefillConfig(block_size=16, min_budget=32, tau=0.15)
+    q, k = _qk(1, 2, 2, 70, 100, 32, dtype, spread=4.0, seed=5)
+    mine = triton_selection(q, k, config)
+    ref = R.flex_prefill_reference(q, k, config)
+    assert torch.equal(mine.query_aware, ref.query_aware)
+    assert (mine.active == ref.active).float().mean() > 0.99
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN input, on purpose
+def test_gamma_one_and_non_finite_are_dense():
+    q, k = _qk(1, 2, 2, 48, 80, 16, seed=7)
+    layout = BlockLayout(48, 80, 16)
+    visible = layout.visible(DEVICE).expand(1, 4, -1, -1)
+    assert torch.equal(triton_selection(q, k, FlexPrefillConfig(block_size=16, gamma=1.0)).active, visible)
+    q[0, 2, 10, 0] = float("nan")
+    config = FlexPrefillConfig(block_size=16, min_budget=16, gamma=0.5)
+    mine = triton_selection(q, k, config)
+    assert torch.equal(mine.active[0, 2], visible[0, 2])
+    assert torch.equal(mine.active, R.flex_prefill_reference(q, k, config).active)
+
+
+def test_block_mask_and_backend_wiring():
+    config = FlexPrefillConfig(block_size=16, min_budget=32, tau=0.1)
+    q, k = _qk(1, 2, 2, 70, 100, 32, seed=8)
+    layout = BlockLayout(70, 100, 16)
+    ref_active = R.flex_prefill_reference(q, k, config).active
+    expected = block_mask_from_active(ref_active, layout)
+    for mask in (triton_block_mask(q, k, config), flex_prefill_block_mask(q, k, config=config, backend="triton")):
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(mask, name), getattr(expected, name)), name
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 3),
+    q_len=st.integers(1, 70),
+    extra=st.integers(0, 40),
+    block=st.sampled_from([16, 32]),
+    gamma=st.floats(0.3, 0.99),
+    tau=st.sampled_from([0.0, 0.1, 0.3, 1.0]),
+    min_budget=st.sampled_from([0, 16, 64]),
+    seed=st.integers(0, 1000),
+)
+def test_pipeline_property(kv_heads, group, q_len, extra, block, gamma, tau, min_budget, seed):
+    config = FlexPrefillConfig(block_size=block, gamma=gamma, tau=tau, min_budget=min_budget)
+    q, k = _qk(1, kv_heads, group, q_len, q_len + extra, 16, spread=4.0, seed=seed)
+    assert torch.equal(triton_selection(q, k, config).active, R.flex_prefill_reference(q, k, config).active)

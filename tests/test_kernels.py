@@ -1,0 +1,39 @@
+"""The Triton kernels on CPU, under the Triton interpreter (run in a subprocess).
+
+``TRITON_INTERPRET=1`` must be set before the kernels are imported, and must not leak into
+this process (other tests compile FlexAttention), so the checks in
+``tests/kernels_interp/check_kernels.py`` run in a child pytest with the variable set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = ROOT / "tests" / "kernels_interp" / "check_kernels.py"
+
+
+def test_kernels_match_reference_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::RuntimeWarning", str(CHECKS)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    report = (proc.stdout + proc.stderr)[-12000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], report
+
+
+def test_triton_backend_needs_cuda_or_interpreter():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter runs CPU tensors")
+    from flexprefill_torch import flex_prefill_block_mask
+
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        flex_prefill_block_mask(q, k, block_size=16, backend="triton")
+    flex_prefill_block_mask(q, k, block_size=16, backend="auto")  # the reference on CPU
