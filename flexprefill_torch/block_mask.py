@@ -37,18 +37,28 @@ def indices_from_map(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return num, indices
 
 
-def block_mask_from_active(active: Tensor, layout: BlockLayout) -> BlockMask:
+def block_mask_from_active(active: Tensor, layout: BlockLayout, use_triton: bool | None = None) -> BlockMask:
     """A ``BlockMask`` with the active blocks of ``active`` (``[B, H, nq, nk]`` bool).
 
     Active blocks outside the causal region are dropped; blocks cut by the causal
-    boundary or by the end of the sequence are partial.
+    boundary or by the end of the sequence are partial. On CUDA the indices come from the
+    Triton kernel :func:`flexprefill_torch.kernels.emit.emit_block_indices` (same result as
+    :func:`indices_from_map`; ``use_triton`` overrides the choice, e.g. for the CPU
+    interpreter); no host synchronisation either way.
     """
     device = active.device
-    full_map = layout.full(device)
     active = active & layout.visible(device)
-    kv_num, kv_indices = indices_from_map(active & ~full_map)
-    full_num, full_indices = indices_from_map(active & full_map)
-    offset = torch.tensor(layout.offset, device=device, dtype=torch.int64)
+    if active.is_cuda if use_triton is None else use_triton:  # one Triton pass, no argsort
+        from .kernels.emit import emit_block_indices
+
+        kv_num, kv_indices, full_num, full_indices = emit_block_indices(
+            active, layout.q_len, layout.kv_len, layout.block_size
+        )
+    else:
+        full_map = layout.full(device)
+        kv_num, kv_indices = indices_from_map(active & ~full_map)
+        full_num, full_indices = indices_from_map(active & full_map)
+    offset = torch.full((), layout.offset, device=device, dtype=torch.int64)  # no host copy
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_indices,

@@ -58,9 +58,10 @@ def make_local(model: PreTrainedModel, strength: float = 400.0) -> PreTrainedMod
 
 
 def prefill(model: PreTrainedModel, ids: Tensor, label: str) -> Tensor:
-    """Last-position logits of one prefill; prints time and peak memory (after a warm-up)."""
+    """Last-position logits of one prefill; prints time and peak memory (after a warm-up run
+    of the same length, so JIT compilation is not timed)."""
     with torch.no_grad():
-        model(ids[:, :4096], use_cache=False, logits_to_keep=1)  # warm-up / compile
+        model(ids, use_cache=False, logits_to_keep=1)  # warm-up: compiles flex and the Triton kernels
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

@@ -117,9 +117,11 @@ def patch_model(
             f"model must be a transformers PreTrainedModel, got model of type {type(model).__name__}"
         )
     stored = resolved.to_dict()
-    _PARSED[id(stored)] = (stored, resolved)
     for model_config in _model_configs(model):
         setattr(model_config, CONFIG_ATTRIBUTE, stored)
+    for module in model.modules():  # pre-parse, so a compiled forward never parses
+        if getattr(getattr(module, "config", None), CONFIG_ATTRIBUTE, None) is stored:
+            setattr(module, _PARSED_ATTRIBUTE, (stored, resolved))
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         raise ValueError(
@@ -136,22 +138,24 @@ def get_flex_prefill_config(model: nn.Module | PreTrainedConfig) -> FlexPrefillC
 
 
 _DEFAULT_CONFIG = FlexPrefillConfig()
-_PARSED: dict[int, tuple[Any, FlexPrefillConfig]] = {}  # id(stored dict) -> (dict, parsed config)
+_PARSED_ATTRIBUTE = "_flex_prefill_parsed"  # on a module: (stored dict, parsed config)
 
 
 def _module_config(module: nn.Module) -> FlexPrefillConfig:
     """The config of the model ``module`` belongs to (defaults if none), parsed once per dict.
 
-    The stored dict is treated as immutable (:func:`patch_model` replaces it); caching the
-    parsed :class:`FlexPrefillConfig` keeps its validation out of ``torch.compile`` traces.
+    The stored dict is treated as immutable (:func:`patch_model` replaces it). The parsed
+    :class:`FlexPrefillConfig` is cached on the module (not serialised with the model
+    config), which keeps its validation out of ``torch.compile`` traces.
     """
-    raw = getattr(getattr(module, "config", None), CONFIG_ATTRIBUTE, None)
+    model_config = getattr(module, "config", None)
+    raw = getattr(model_config, CONFIG_ATTRIBUTE, None)
     if raw is None:
         return _DEFAULT_CONFIG
-    cached = _PARSED.get(id(raw))
+    cached = getattr(module, _PARSED_ATTRIBUTE, None)  # a module attribute, not id(): traceable
     if cached is None or cached[0] is not raw:
         cached = (raw, to_flex_prefill_config(raw))
-        _PARSED[id(raw)] = cached
+        setattr(module, _PARSED_ATTRIBUTE, cached)
     return cached[1]
 
 

@@ -24,10 +24,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ..block_mask import causal_mask_mod
+from ..block_mask import block_mask_from_active
 from ..config import FlexPrefillConfig
 from ..layout import BlockLayout
-from .emit import emit_block_indices
 from .pattern import QUERY_AWARE, SPARSE, head_pattern
 from .pool import pool_blocks
 from .representative import representative_attention
@@ -84,8 +83,20 @@ def triton_selection(
     )
     max_blocks = -1 if config.max_blocks is None else config.max_blocks
     active = select_blocks(
-        logits, flags, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
-        config.min_blocks, max_blocks, config.query_aware_selection == "per_row", config.tau > 0.0,
+        logits,
+        flags,
+        true_blocks,
+        slash,
+        vsel,
+        ssel,
+        q_len,
+        kv_len,
+        b,
+        config.gamma,
+        config.min_blocks,
+        max_blocks,
+        config.query_aware_selection == "per_row",
+        config.tau > 0.0,
     )
     return TritonSelection(
         active=active,
@@ -113,22 +124,8 @@ def triton_block_mask(
 ) -> BlockMask:
     """The FlexPrefill ``BlockMask`` built entirely on the device (selection + emission).
 
-    Same mask as ``flex_prefill_block_mask(..., backend="triton")``; the indices come from
-    :func:`.emit.emit_block_indices` instead of an ``argsort`` of the active map.
+    Same mask as ``flex_prefill_block_mask(..., backend="triton")``.
     """
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     active, _, _ = triton_select_active_blocks(q, k, config, scale)
-    kv_num, kv_idx, full_num, full_idx = emit_block_indices(
-        active, layout.q_len, layout.kv_len, layout.block_size
-    )
-    offset = torch.full((), layout.offset, device=q.device, dtype=torch.int64)  # capturable
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=layout.block_size,
-        mask_mod=causal_mask_mod(offset),
-        seq_lengths=(layout.q_len, layout.kv_len),
-        compute_q_blocks=False,
-    )
+    return block_mask_from_active(active, layout, use_triton=True)
