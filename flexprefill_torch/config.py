@@ -59,7 +59,7 @@ class FlexPrefillConfig:
     min_budget: int = 1024
     max_budget: int | None = None
     query_aware_selection: QueryAwareSelection = "global"
-    min_seq_len: int = 8192
+    min_seq_len: int = 32768
     max_density: float | None = 0.7
 
     def __post_init__(self) -> None:
