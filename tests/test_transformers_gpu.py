@@ -146,3 +146,30 @@ def test_padded_generate_gpu(cuda: torch.device) -> None:
     # bf16 may flip near-ties; compare the first tokens, which depend only on the prefill
     assert torch.equal(batch[0, 4096:4098], first[0, 4096:4098])
     assert torch.equal(batch[1, 4096:4098], second[0, 3096:3098])
+
+
+@pytest.mark.gpu
+def test_device_map_across_gpus(cuda: torch.device, tmp_path) -> None:
+    """accelerate ``device_map="balanced"`` over every visible GPU (an explicit map on one GPU)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**MODEL, "num_hidden_layers": 4})
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    gpus = torch.cuda.device_count()
+    device_map = "balanced" if gpus > 1 else {"": 0}
+    flex = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="flex_prefill", device_map=device_map, dtype=torch.float32
+    ).eval()
+    patch_model(flex, DENSE)
+    used = {d for d in flex.hf_device_map.values()} if hasattr(flex, "hf_device_map") else {0}
+    print(f"\n[device_map] {gpus} GPU(s), layers placed on {sorted(map(str, used))}")  # noqa: T201
+    if gpus > 1:
+        assert len(used) > 1, f"balanced map used one device only: {flex.hf_device_map}"
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", dtype=torch.float32)
+    sdpa = sdpa.to(cuda).eval()
+    ids = torch.randint(0, MODEL["vocab_size"], (1, 4096), device=cuda)
+    with torch.no_grad():
+        expected = sdpa(ids).logits[:, -8:]
+        got = flex(ids).logits[:, -8:].to(cuda)
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)  # TF32 in flex dots
+        tokens = flex.generate(ids[:, :512], max_new_tokens=4, do_sample=False)
+    assert tokens.shape == (1, 516)
