@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_shape_options(demo)
     _add_config_options(demo)
+    demo.add_argument(
+        "--method",
+        choices=("flexprefill", "flashprefill", "streaming", "vertical_slash", "xattention"),
+        default="flexprefill",
+        help="mask builder (default flexprefill; the others use their default knobs, see docs/methods.md)",
+    )
 
     bench = commands.add_parser(
         "bench",
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(device, _settings(args, device), _config(args), args.backend)
+            run_demo(device, _settings(args, device), _config(args), args.backend, args.method)
         else:
             _run_visualize(args, device)
     except (ValueError, TypeError, NotImplementedError) as error:

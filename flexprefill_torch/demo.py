@@ -9,6 +9,7 @@ import torch
 
 from .attention import dense_causal_attention, run_flex_attention
 from .config import FlexPrefillConfig
+from .info import FlexPrefillInfo
 from .selection import flex_prefill_block_mask
 from .synthetic import structured_qkv
 from .timing import median_ms
@@ -33,24 +34,45 @@ def default_settings(device: torch.device) -> DemoSettings:
 
 
 def run_demo(
-    device: torch.device, settings: DemoSettings, config: FlexPrefillConfig, backend: str = "auto"
+    device: torch.device,
+    settings: DemoSettings,
+    config: FlexPrefillConfig,
+    backend: str = "auto",
+    method: str = "flexprefill",
 ) -> dict[str, float]:
-    """Build the mask, run sparse and dense attention, print a report; returns the figures."""
+    """Build the mask, run sparse and dense attention, print a report; returns the figures.
+
+    ``method`` is a key of :data:`flexprefill_torch.methods.MASK_BUILDERS`; methods other
+    than FlexPrefill use their default knobs and ``config.block_size``.
+    """
+    from .methods import MASK_BUILDERS
+
     q, k, v = structured_qkv(
-        1, settings.q_heads, settings.kv_heads, settings.seq_len, settings.head_dim,
-        block_size=config.block_size, dtype=settings.dtype, device=device,
+        1,
+        settings.q_heads,
+        settings.kv_heads,
+        settings.seq_len,
+        settings.head_dim,
+        block_size=config.block_size,
+        dtype=settings.dtype,
+        device=device,
     )
     print(
         f"FlexPrefill demo on {device.type}: B=1, Hq={settings.q_heads}, Hkv={settings.kv_heads}, "
         f"L={settings.seq_len}, D={settings.head_dim}, {str(settings.dtype).replace('torch.', '')}, "
-        f"gamma={config.gamma}, tau={config.tau}, block={config.block_size}, backend={backend}"
+        f"method={method}, gamma={config.gamma}, tau={config.tau}, block={config.block_size}, backend={backend}"
     )
 
     def build():
-        return flex_prefill_block_mask(q, k, config=config, backend=backend, return_info=True)
+        if method == "flexprefill":
+            return flex_prefill_block_mask(q, k, config=config, backend=backend, return_info=True)
+        return MASK_BUILDERS[method](q, k, block_size=config.block_size, return_info=True)
 
     block_mask, info = build()
-    print(info.summary())
+    if isinstance(info, FlexPrefillInfo):
+        print(info.summary())
+    else:
+        print(f"method {method}: density per head {[round(d, 3) for d in info.density[0].tolist()]}")
     begin = time.perf_counter()
     sparse_out = run_flex_attention(q, k, v, block_mask)
     if device.type == "cuda":
@@ -64,10 +86,10 @@ def run_demo(
     dense_ms = median_ms(lambda: dense_causal_attention(q, k, v), device)
     density = info.density.float().mean().item()
     total_ms = mask_ms + sparse_ms
-    print(
-        f"\nmean density {density:.3f} | query-aware heads {int(info.query_aware.sum())}/{info.query_aware.numel()}"
-        f" | relative output error vs dense {error:.2e}"
-    )
+    patterns = ""
+    if isinstance(info, FlexPrefillInfo):
+        patterns = f" | query-aware heads {int(info.query_aware.sum())}/{info.query_aware.numel()}"
+    print(f"\nmean density {density:.3f}{patterns} | relative output error vs dense {error:.2e}")
     print(f"first sparse call (compiles FlexAttention): {compile_s:.1f} s")
     print(f"{'':24s}{'ms (median)':>12s}")
     print(f"{'mask build':24s}{mask_ms:12.2f}")
@@ -76,6 +98,10 @@ def run_demo(
     print(f"{'dense SDPA':24s}{dense_ms:12.2f}")
     print(f"speedup over dense SDPA: {dense_ms / total_ms:.2f}x")
     return {
-        "density": density, "error": error, "mask_ms": mask_ms, "sparse_ms": sparse_ms,
-        "total_ms": total_ms, "dense_ms": dense_ms,
+        "density": density,
+        "error": error,
+        "mask_ms": mask_ms,
+        "sparse_ms": sparse_ms,
+        "total_ms": total_ms,
+        "dense_ms": dense_ms,
     }

@@ -106,3 +106,12 @@ def test_bench_small_writes_json(tmp_path) -> None:
     (row,) = data["rows"]
     assert row["seq_len"] == 512 and 0 < row["density"] <= 1 and row["total_ms"] > 0
     assert data["meta"]["torch"] == torch.__version__
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["flexprefill", "streaming"])
+def test_demo_runs_each_method(method: str, capsys) -> None:
+    main(["demo", "--seq-len", "512", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "32",
+          "--block-size", "64", "--min-budget", "64", "--method", method])
+    out = capsys.readouterr().out
+    assert f"method={method}" in out and "relative output error vs dense" in out and "speedup" in out

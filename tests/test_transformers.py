@@ -525,3 +525,39 @@ def test_accelerate_device_map_loading(tmp_path, device_map) -> None:
     assert get_flex_prefill_config(loaded) == to_flex_prefill_config(DENSE)
     assert loaded.device.type == "cpu"
     torch.testing.assert_close(logits(loaded, x), ref, **EXACT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, options",
+    [("flashprefill", {"alpha": 0.1}), ("streaming", {"sink_tokens": 16, "local_tokens": 64}),
+     ("xattention", {"threshold": 1.0})],
+)
+def test_other_methods_selectable_in_the_integration(method: str, options: dict) -> None:
+    """patch_model(method=...) prefills with that mask builder; decode stays dense."""
+    from flexprefill_torch.methods import MASK_BUILDERS
+
+    model, _ = build("llama")
+    make_local(model)
+    ids = tokens(1, 160)
+    with torch.no_grad():
+        reference = model(ids).logits
+        patch_model(model, {"block_size": 16, "min_seq_len": 0}, method=method, method_options=options)
+        with collect_diagnostics(model) as log:
+            logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    assert {record.path for record in log} == {"method"}
+    assert all(record.info.method == method for record in log)
+    if method == "xattention":  # threshold 1 keeps every visible block: exactly dense
+        torch.testing.assert_close(logits, reference, atol=2e-5, rtol=2e-5)
+    else:
+        assert any((record.info.density < 1).any() for record in log), "the method pruned nothing"
+    assert method in MASK_BUILDERS
+
+
+def test_method_choice_is_validated() -> None:
+    model, _ = build("llama")
+    with pytest.raises(ValueError, match="method="):
+        patch_model(model, method="nonsense")
+    with pytest.raises(ValueError, match="'beta'"):
+        patch_model(model, method="flashprefill", method_options={"beta": 1})

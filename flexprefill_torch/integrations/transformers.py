@@ -18,6 +18,7 @@ function reads the config of the module it is called for. See ``docs/transformer
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ ATTN_IMPLEMENTATION = "flex_prefill"
 """The ``attn_implementation`` name registered with transformers."""
 
 CONFIG_ATTRIBUTE = "flex_prefill_config"
+METHOD_ATTRIBUTE = "flex_prefill_method"  # {"name": method, "options": {knob: value}}
+_METHOD_RESERVED = frozenset({"q", "k", "block_size", "scale", "backend", "return_info", "config"})
 """Name of the model-config attribute (a plain dict) holding the FlexPrefill settings."""
 
 PAPER_KEYS: dict[str, str] = {
@@ -60,10 +63,17 @@ _FIELDS = frozenset(field.name for field in dataclasses.fields(FlexPrefillConfig
 # Attention keyword arguments that do not change the result (the rotary embedding is already
 # applied to the states; caching is done by the model before the call).
 _IGNORED_KWARGS = frozenset(
-    {"position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states", "return_dict"}
+    {
+        "position_ids",
+        "use_cache",
+        "cache_position",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
 )
 
-Path = Literal["flex_prefill", "dense", "sliding_window"]
+Path = Literal["flex_prefill", "dense", "sliding_window", "method"]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -103,15 +113,27 @@ def to_flex_prefill_config(config: FlexPrefillConfig | Mapping[str, Any] | None)
 
 
 def patch_model(
-    model: nn.Module, config: FlexPrefillConfig | Mapping[str, Any] | None = None
+    model: nn.Module,
+    config: FlexPrefillConfig | Mapping[str, Any] | None = None,
+    *,
+    method: str = "flexprefill",
+    method_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Switch ``model`` to ``attn_implementation="flex_prefill"`` with ``config``; returns ``model``.
+
+    ``method`` picks the prefill mask builder (a key of
+    :data:`flexprefill_torch.methods.MASK_BUILDERS`: ``"flexprefill"`` (default),
+    ``"flashprefill"``, ``"streaming"``, ``"vertical_slash"``, ``"xattention"``) and
+    ``method_options`` its knobs (e.g. ``{"alpha": 0.1}``); the config's ``block_size``,
+    ``min_seq_len`` and the decode fallback apply to every method. Stored as
+    ``config.flex_prefill_method``.
 
     ``config`` (see :func:`to_flex_prefill_config`) is stored as a plain dict on the config of
     the model and of every sub-model (``config.flex_prefill_config``), where the attention
     function reads it and ``save_pretrained`` saves it.
     """
     resolved = to_flex_prefill_config(config)
+    chosen = _check_method(method, method_options)
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(
             f"model must be a transformers PreTrainedModel, got model of type {type(model).__name__}"
@@ -119,6 +141,7 @@ def patch_model(
     stored = resolved.to_dict()
     for model_config in _model_configs(model):
         setattr(model_config, CONFIG_ATTRIBUTE, stored)
+        setattr(model_config, METHOD_ATTRIBUTE, chosen)
     for module in model.modules():  # pre-parse, so a compiled forward never parses
         if getattr(getattr(module, "config", None), CONFIG_ATTRIBUTE, None) is stored:
             setattr(module, _PARSED_ATTRIBUTE, (stored, resolved))
@@ -129,6 +152,35 @@ def patch_model(
             "(it does not dispatch through transformers' AttentionInterface)"
         )
     return model
+
+
+def _check_method(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The stored form ``{"name": ..., "options": {...}}``; ValueError naming a bad name or knob."""
+    from ..methods import MASK_BUILDERS
+
+    if method not in MASK_BUILDERS:
+        raise ValueError(f"method must be one of {sorted(MASK_BUILDERS)}, got method={method!r}")
+    options = dict(options or {})
+    allowed = set(inspect.signature(MASK_BUILDERS[method]).parameters) - _METHOD_RESERVED
+    for name in options:
+        if name not in allowed:
+            raise ValueError(
+                f"method_options has no knob {name!r} for method={method!r}; allowed: {sorted(allowed)}"
+            )
+    if method == "flexprefill" and options:
+        raise ValueError("method='flexprefill' takes its settings from config, not method_options")
+    takes_scale = "scale" in inspect.signature(MASK_BUILDERS[method]).parameters
+    return {"name": method, "options": options, "takes_scale": takes_scale}
+
+
+def _module_method(module: nn.Module) -> tuple[Any, dict[str, Any], bool] | None:
+    """The mask builder, its knobs and whether it takes ``scale`` (``None``: FlexPrefill)."""
+    chosen = getattr(getattr(module, "config", None), METHOD_ATTRIBUTE, None)
+    if chosen is None or chosen["name"] == "flexprefill":
+        return None
+    from ..methods import MASK_BUILDERS
+
+    return MASK_BUILDERS[chosen["name"]], chosen["options"], chosen["takes_scale"]
 
 
 def get_flex_prefill_config(model: nn.Module | PreTrainedConfig) -> FlexPrefillConfig:
@@ -327,7 +379,9 @@ def flex_prefill_attention_forward(
     layer_idx = getattr(module, "layer_idx", None)
     padding = _padding_mask(attention_mask, query, key)
     if padding is None:
-        out, path, info = _attend(query, key, value, config, scaling, sliding_window, records is not None)
+        out, path, info = _attend(
+            query, key, value, config, scaling, sliding_window, records is not None, _module_method(module)
+        )
         if records is not None:
             records.append(LayerDiagnostics(layer_idx, None, path, info))
     elif query.shape[2] == 1:
@@ -337,7 +391,18 @@ def flex_prefill_attention_forward(
             info = _dense_info(query, key, config)
             records.append(LayerDiagnostics(layer_idx, None, "dense", info))
     else:
-        out = _attend_rows(query, key, value, padding, config, scaling, sliding_window, records, layer_idx)
+        out = _attend_rows(
+            query,
+            key,
+            value,
+            padding,
+            config,
+            scaling,
+            sliding_window,
+            records,
+            layer_idx,
+            _module_method(module),
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -357,7 +422,9 @@ def _check_attention_arguments(
             "attn_implementation='eager')"
         )
     if is_causal is False or not getattr(module, "is_causal", True):
-        raise NotImplementedError("attn_implementation='flex_prefill' supports causal (decoder) attention only")
+        raise NotImplementedError(
+            "attn_implementation='flex_prefill' supports causal (decoder) attention only"
+        )
     for name, value in kwargs.items():
         if value is not None and name not in _IGNORED_KWARGS:
             shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
@@ -402,8 +469,13 @@ def _attend(
     scale: float | None,
     sliding_window: int | None,
     want_info: bool,
-) -> tuple[Tensor, Path, FlexPrefillInfo | None]:
-    """Unpadded attention ``[B, Hq, Lq, Dv]`` of the last ``Lq`` positions, its path and info."""
+    method: tuple[Any, dict[str, Any], bool] | None = None,
+) -> tuple[Tensor, Path, Any]:
+    """Unpadded attention ``[B, Hq, Lq, Dv]`` of the last ``Lq`` positions, its path and info.
+
+    ``method``: another mask builder and its knobs (see :func:`patch_model`), used for
+    prefills of at least ``config.min_seq_len`` queries instead of FlexPrefill.
+    """
     window = _binding_window(sliding_window, k.shape[2])
     if q.shape[2] > 1:
         # One memory layout for every prefill keeps the compiled FlexAttention from
@@ -417,6 +489,12 @@ def _attend(
     if window is not None:
         out = decode_attention(q, k, v, scale, window, None)
         return out, "dense", _dense_info(q, k, config) if want_info else None
+    if method is not None and q.shape[2] > 1 and q.shape[2] >= config.min_seq_len:
+        builder, options, takes_scale = method
+        if takes_scale:
+            options = {**options, "scale": scale}
+        mask, info = builder(q, k, block_size=config.block_size, return_info=True, **options)
+        return run_flex_attention(q, k, v, mask, scale), "method", info if want_info else None
     if not want_info:
         return flex_prefill_attention(q, k, v, config=config, scale=scale), "flex_prefill", None
     out, info = flex_prefill_attention(q, k, v, config=config, scale=scale, return_info=True)
@@ -433,6 +511,7 @@ def _attend_rows(
     sliding_window: int | None,
     records: list[LayerDiagnostics] | None,
     layer_idx: int | None,
+    method: tuple[Any, dict[str, Any], bool] | None = None,
 ) -> Tensor:
     """Padded batch: each row's real tokens run alone through :func:`_attend`, scattered back.
 
@@ -467,6 +546,7 @@ def _attend_rows(
             scale,
             sliding_window,
             records is not None,
+            method,
         )
         out[row, :, query_index] = result[0]
         if records is not None:
@@ -560,8 +640,10 @@ class LayerDiagnostics:
             (each row runs alone) otherwise.
         path: ``"flex_prefill"`` (FlexPrefill's sparse mask), ``"dense"`` (decode, short
             prompt, or γ = 1 dense fallback of the attention entry point) or
-            ``"sliding_window"`` (exact window attention of a windowed layer).
-        info: the :class:`FlexPrefillInfo` of the call, tensors ``[B, Hq]`` (``[1, Hq]`` for a row).
+            ``"sliding_window"`` (exact window attention of a windowed layer) or ``"method"``
+            (another mask builder chosen with ``patch_model(..., method=...)``).
+        info: the :class:`FlexPrefillInfo` of the call (a ``MethodInfo`` for ``"method"``),
+            tensors ``[B, Hq]`` (``[1, Hq]`` for a row).
     """
 
     layer_idx: int | None

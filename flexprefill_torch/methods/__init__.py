@@ -12,13 +12,27 @@ FlexAttention, plus a :class:`MethodInfo` with ``return_info=True``:
 Rules and defaults: ``docs/methods.md``.
 """
 
+from collections.abc import Callable
+from typing import Any
+
+from ..selection import flex_prefill_block_mask
 from ._common import MethodInfo
 from .flashprefill import flash_prefill_block_mask
 from .streaming import streaming_block_mask
 from .vertical_slash import vertical_slash_block_mask
 from .xattention import xattention_block_mask
 
+MASK_BUILDERS: dict[str, Callable[..., Any]] = {
+    "flexprefill": flex_prefill_block_mask,
+    "flashprefill": flash_prefill_block_mask,
+    "streaming": streaming_block_mask,
+    "vertical_slash": vertical_slash_block_mask,
+    "xattention": xattention_block_mask,
+}
+"""Every mask builder by name: ``builder(q, k, *, block_size=..., scale=..., return_info=..., **knobs)``."""
+
 __all__ = [
+    "MASK_BUILDERS",
     "MethodInfo",
     "flash_prefill_block_mask",
     "streaming_block_mask",
