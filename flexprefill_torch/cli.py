@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers", type=_positive, default=8, help="synthetic 'layers' in layers.png (default 8)"
     )
     visualize.add_argument("--out-dir", type=Path, default=Path("."), help="folder for the PNGs (default .)")
+    visualize.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a local transformers checkpoint folder: draw layers.png from one prefill of "
+        "--seq-len random tokens through it (attn_implementation='flex_prefill') instead of "
+        "synthetic layers",
+    )
     return parser
 
 
@@ -136,6 +144,28 @@ def _config(args: argparse.Namespace) -> FlexPrefillConfig:
     return FlexPrefillConfig(
         gamma=args.gamma, tau=args.tau, block_size=args.block_size, min_budget=args.min_budget, min_seq_len=0
     )
+
+
+def _visualize_model(args: argparse.Namespace, device: torch.device) -> None:
+    """layers.png from the diagnostics of one prefill through a local checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from .integrations.transformers import collect_diagnostics, patch_model
+    from .visualize import plot_layer_heatmap
+
+    if not args.model.is_dir():
+        raise ValueError(f"--model must be a local checkpoint folder, got --model {args.model}")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+    patch_model(model, _config(args))
+    seq_len = args.seq_len or 4096
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
+    with torch.no_grad(), collect_diagnostics(model) as log:
+        model(ids, use_cache=False)
+    infos = [records[0].info for _, records in sorted(log.by_layer().items(), key=lambda item: item[0] or 0)]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    plot_layer_heatmap(infos, args.out_dir / "layers.png")
+    print(log.summary())
+    print(f"saved {args.out_dir / 'layers.png'}")
 
 
 def _run_visualize(args: argparse.Namespace, device: torch.device) -> None:
@@ -194,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(device, _settings(args, device), _config(args), args.backend, args.method)
+        elif args.model is not None:
+            _visualize_model(args, device)
         else:
             _run_visualize(args, device)
     except (ValueError, TypeError, NotImplementedError) as error:

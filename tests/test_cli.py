@@ -115,3 +115,18 @@ def test_demo_runs_each_method(method: str, capsys) -> None:
           "--block-size", "64", "--min-budget", "64", "--method", method])
     out = capsys.readouterr().out
     assert f"method={method}" in out and "relative output error vs dense" in out and "speedup" in out
+
+
+@pytest.mark.slow
+def test_visualize_a_local_model(tmp_path) -> None:
+    """``visualize --model`` draws the layer x head map of one prefill through a checkpoint."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=100)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    main(["visualize", "--model", str(tmp_path / "model"), "--seq-len", "256", "--block-size", "64",
+          "--min-budget", "64", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "layers.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit):
+        main(["visualize", "--model", str(tmp_path / "missing")])
