@@ -28,7 +28,7 @@ MODEL = {
     "max_position_embeddings": 65536,
 }
 DENSE = {"block_size": 128, "flex_prefill_gamma": 1.0, "min_seq_len": 0, "max_density": None}
-SPARSE = {"block_size": 128, "flex_prefill_gamma": 0.9, "flex_prefill_min_budget": 1024, "max_density": None}
+SPARSE = {"block_size": 128, "flex_prefill_gamma": 0.9, "flex_prefill_min_budget": 1024, "min_seq_len": 0, "max_density": None}
 
 
 def build(device: torch.device) -> PreTrainedModel:
