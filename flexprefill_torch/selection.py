@@ -21,7 +21,8 @@ Backend = Literal["auto", "reference", "triton"]
 def select_active_blocks(
     q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None, backend: Backend
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Active blocks ``[B, Hq, nq, nk]`` bool, ``query_aware [B, Hq]`` and ``js_distance [B, Hq]``.
+    """Active blocks ``[B, Hq, nq, nk]`` bool (causally visible ones only), ``query_aware [B, Hq]``
+    and ``js_distance [B, Hq]``.
 
     ``"triton"`` runs the device pipeline of :mod:`flexprefill_torch.kernels` (CUDA tensors,
     or CPU tensors under ``TRITON_INTERPRET=1``); ``"auto"`` uses it for CUDA tensors and the
@@ -85,8 +86,7 @@ def flex_prefill_block_mask(
     )
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     with torch.no_grad():
-        active, query_aware, js = select_active_blocks(q, k, config, scale, backend)
-        active = active & layout.visible(q.device)
+        active, query_aware, js = select_active_blocks(q, k, config, scale, backend)  # visible only
         block_mask = block_mask_from_active(active, layout)
     if not return_info:
         return block_mask
