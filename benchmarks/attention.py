@@ -1,7 +1,9 @@
 """FlexPrefill vs dense attention over sequence lengths (B=1, Hq=32, Hkv=8, D=128, bf16).
 
-Columns: dense SDPA, dense flex, mask build, sparse attention, total, density, relative
-output error vs dense, speedup; structured and random inputs, gamma 0.9 and 0.95.
+Columns: dense SDPA, dense flex, mask build, sparse attention, total (build + sparse,
+forced sparse), density, relative output error vs dense, speedup; then ``auto``: the
+public ``flex_prefill_attention`` with the default crossover rules, the path it took and
+its time over SDPA. Structured and random inputs, gamma 0.9 and 0.95.
 ``--small`` is CPU-sized. Same as ``flexprefill bench``. Measures; asserts nothing.
 """
 

@@ -34,6 +34,7 @@ from flexprefill_torch.kernels.pool import pool_blocks
 from flexprefill_torch.kernels.representative import representative_attention
 from flexprefill_torch.kernels.select import select_blocks
 from flexprefill_torch.selection import flex_prefill_block_mask
+from flexprefill_torch.timing import cuda_graph_ms
 
 
 def make_inputs(length: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, heads: int = 32,
@@ -49,20 +50,6 @@ def make_inputs(length: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
 
 def bench(fn, rep: int = 200) -> float:
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def graph_time(fn) -> float:
-    """Median time of one CUDA-graph replay of ``fn``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
 
 
 def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[str, float]:
@@ -89,16 +76,16 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
 
     active = select_fn()
     out = {
-        "pool q": graph_time(lambda: pool_blocks(q, b, scale)),
-        "representative+pool k": graph_time(lambda: representative_attention(q, k, b, scale)),
-        "logits matmul": graph_time(logits_fn),
-        "pattern": graph_time(lambda: head_pattern(q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale,
+        "pool q": cuda_graph_ms(lambda: pool_blocks(q, b, scale)),
+        "representative+pool k": cuda_graph_ms(lambda: representative_attention(q, k, b, scale)),
+        "logits matmul": cuda_graph_ms(logits_fn),
+        "pattern": cuda_graph_ms(lambda: head_pattern(q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale,
                                                    config.tau, config.gamma)),
-        "select": graph_time(select_fn),
-        "emit": graph_time(lambda: emit_block_indices(active, q_len, kv_len, b)),
+        "select": cuda_graph_ms(select_fn),
+        "emit": cuda_graph_ms(lambda: emit_block_indices(active, q_len, kv_len, b)),
     }
     out["sum of stages"] = sum(out.values())
-    out["total graph"] = graph_time(lambda: triton_block_mask(q, k, config))
+    out["total graph"] = cuda_graph_ms(lambda: triton_block_mask(q, k, config))
     out["total eager"] = bench(lambda: triton_block_mask(q, k, config))
     out["public API eager"] = bench(lambda: flex_prefill_block_mask(q, k, config=config, backend="triton"))
     out["query-aware heads"] = float(((flags & 1) != 0).sum())

@@ -16,7 +16,7 @@ from .config import UNSET, FlexPrefillConfig, QueryAwareSelection, resolve_confi
 from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .reference import masked_attention_reference
-from .selection import Backend, flex_prefill_block_mask
+from .selection import Backend, build_block_mask
 from .validation import check_qk, check_v
 
 _HAS_AUX_REQUEST = "return_aux" in inspect.signature(flex_attention).parameters
@@ -107,13 +107,11 @@ def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _too_dense(info: FlexPrefillInfo, config: FlexPrefillConfig) -> bool:
-    """Whether the mask is too dense for sparse FlexAttention to beat SDPA (eager mode only)."""
-    if config.max_density is None or torch.compiler.is_compiling():
+def _density_rule_applies(q: Tensor, config: FlexPrefillConfig, return_lse: bool) -> bool:
+    """Whether the ``max_density`` rule runs: set, no lse requested, eager (it syncs the host)."""
+    if config.max_density is None or return_lse or torch.compiler.is_compiling():
         return False
-    if info.density.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return bool(info.density.mean() > config.max_density)  # one host sync
+    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def flex_prefill_attention(
@@ -156,10 +154,11 @@ def flex_prefill_attention(
     Returns:
         ``out [B, Hq, Lq, Dv]``, then ``lse`` if ``return_lse``, then ``info`` if
         ``return_info``. The attention is dense SDPA when ``Lq == 1``, when
-        ``Lq < min_seq_len``, or when the mask's mean density exceeds ``max_density``
-        (eager mode; the info then still describes the mask that was built). With
-        ``return_lse`` the short-input path uses compiled flex over all visible blocks and
-        the density rule is skipped.
+        ``Lq < min_seq_len``, or, in eager mode, when the mask would be denser than
+        ``max_density``: checked first on the pattern stage's forecast
+        (``info.predicted_density``; the block selection is then skipped), then on the
+        built mask (the info still describes it). With ``return_lse`` the short-input path
+        uses compiled flex over all visible blocks and the density rule is skipped.
     """
     check_qk(q, k, scale, backend)
     check_v(k, v)
@@ -187,10 +186,11 @@ def flex_prefill_attention(
         else:
             result = dense_causal_attention(q, k, v, scale)
     else:
-        block_mask, info = flex_prefill_block_mask(
-            q, k, config=config, scale=scale, backend=backend, return_info=True
-        )
-        if not return_lse and _too_dense(info, config):
+        check = _density_rule_applies(q, config, return_lse)
+        dense_above = config.max_density if check else None
+        block_mask, info = build_block_mask(q, k, config, scale, backend, True, dense_above)
+        assert info is not None
+        if block_mask is None or (check and bool(info.density.mean() > config.max_density)):  # host sync
             info.sparse = False
             result = dense_causal_attention(q, k, v, scale)
         else:

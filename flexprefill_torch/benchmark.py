@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .attention import dense_causal_attention, run_flex_attention
+from .attention import dense_causal_attention, flex_prefill_attention, run_flex_attention
 from .block_mask import block_mask_from_active
 from .config import FlexPrefillConfig
+from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .selection import flex_prefill_block_mask
 from .synthetic import structured_qkv
@@ -25,7 +26,8 @@ from .timing import median_ms
 
 HEADER = (
     f"{'workload':>10s} {'L':>7s} {'gamma':>5s} {'sdpa':>9s} {'flex':>9s} {'build':>8s} {'sparse':>9s}"
-    f" {'total':>9s} {'density':>7s} {'rel_err':>8s} {'speedup':>7s}"
+    f" {'total':>9s} {'density':>7s} {'rel_err':>8s} {'speedup':>7s} {'auto':>9s} {'auto_path':>13s}"
+    f" {'auto/sdpa':>7s}"
 )
 
 
@@ -94,6 +96,16 @@ def bench_one(
         )
         sparse_ms = median_ms(lambda bm=block_mask: run_flex_attention(q, k, v, bm), device, settings.repeats)
         total = build_ms + sparse_ms
+        # the public call with the default crossover rules (min_seq_len, max_density)
+        auto_config = FlexPrefillConfig(gamma=gamma, tau=settings.tau)
+        _, auto_info = flex_prefill_attention(
+            q, k, v, config=auto_config, backend=settings.backend, return_info=True
+        )
+        auto_ms = median_ms(
+            lambda c=auto_config: flex_prefill_attention(q, k, v, config=c, backend=settings.backend),
+            device,
+            settings.repeats,
+        )
         rows.append(
             {
                 "workload": workload,
@@ -107,9 +119,21 @@ def bench_one(
                 "density": info.density.mean().item(),
                 "rel_error": rel_err,
                 "speedup_vs_sdpa": sdpa_ms / total,
+                "auto_ms": auto_ms,
+                "auto_path": _path(auto_info),
+                "auto_vs_sdpa": auto_ms / sdpa_ms,
             }
         )
     return rows
+
+
+def _path(info: FlexPrefillInfo) -> str:
+    """Which attention ``flex_prefill_attention`` ran, from its info."""
+    if info.sparse:
+        return "sparse"
+    if info.predicted_density is not None:
+        return "sdpa:forecast"
+    return "sdpa:short" if info.layout.q_len < info.config.min_seq_len else "sdpa:density"
 
 
 def format_row(row: dict) -> str:
@@ -118,6 +142,7 @@ def format_row(row: dict) -> str:
         f"{row['workload']:>10s} {row['seq_len']:7d} {row['gamma']:5.2f} {row['sdpa_ms']:9.2f}"
         f" {row['dense_flex_ms']:9.2f} {row['mask_build_ms']:8.2f} {row['sparse_attention_ms']:9.2f}"
         f" {row['total_ms']:9.2f} {row['density']:7.3f} {row['rel_error']:8.2e} {row['speedup_vs_sdpa']:7.2f}"
+        f" {row['auto_ms']:9.2f} {row['auto_path']:>13s} {row['auto_vs_sdpa']:7.3f}"
     )
 
 

@@ -47,7 +47,6 @@ def block_mask_from_active(active: Tensor, layout: BlockLayout, use_triton: bool
     interpreter); no host synchronisation either way.
     """
     device = active.device
-    active = active & layout.visible(device)
     if active.is_cuda if use_triton is None else use_triton:  # one Triton pass, no argsort
         from .kernels.emit import emit_block_indices
 
@@ -55,6 +54,7 @@ def block_mask_from_active(active: Tensor, layout: BlockLayout, use_triton: bool
             active, layout.q_len, layout.kv_len, layout.block_size
         )
     else:
+        active = active & layout.visible(device)
         full_map = layout.full(device)
         kv_num, kv_indices = indices_from_map(active & ~full_map)
         full_num, full_indices = indices_from_map(active & full_map)

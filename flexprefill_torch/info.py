@@ -25,6 +25,9 @@ class FlexPrefillInfo:
         sparse: whether sparse attention ran (False: the attention call fell back to dense).
         config: the configuration that produced it.
         layout: the block geometry (lengths and block size).
+        predicted_density: float32, set when ``flex_prefill_attention`` skipped the block
+            selection because the pattern stage forecast a mask denser than
+            ``max_density`` (``PatternStage.predicted_density``); None otherwise.
     """
 
     query_aware: Tensor
@@ -35,6 +38,7 @@ class FlexPrefillInfo:
     sparse: bool
     config: FlexPrefillConfig
     layout: BlockLayout
+    predicted_density: Tensor | None = None
 
     @classmethod
     def from_selection(

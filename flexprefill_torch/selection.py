@@ -18,22 +18,47 @@ from .validation import check_qk
 Backend = Literal["auto", "reference", "triton"]
 
 
-def select_active_blocks(
-    q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None, backend: Backend
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Active blocks ``[B, Hq, nq, nk]`` bool (causally visible ones only), ``query_aware [B, Hq]``
-    and ``js_distance [B, Hq]``.
+def build_block_mask(
+    q: Tensor,
+    k: Tensor,
+    config: FlexPrefillConfig,
+    scale: float | None,
+    backend: Backend,
+    with_info: bool = False,
+    dense_above: float | None = None,
+) -> tuple[BlockMask | None, FlexPrefillInfo | None]:
+    """Select the active blocks with ``backend`` and assemble the ``BlockMask`` (and its info).
 
     ``"triton"`` runs the device pipeline of :mod:`flexprefill_torch.kernels` (CUDA tensors,
     or CPU tensors under ``TRITON_INTERPRET=1``); ``"auto"`` uses it for CUDA tensors and the
     pure-PyTorch reference otherwise.
-    """
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from .kernels import triton_select_active_blocks  # imports Triton: only when used
 
-        return triton_select_active_blocks(q, k, config, scale)
-    selection = flex_prefill_reference(q, k, config, scale)
-    return selection.active, selection.query_aware, selection.js_distance
+    ``dense_above`` (Triton pipeline only; costs one host synchronisation): when the
+    pattern stage's predicted mean density exceeds it, the selection is skipped and
+    ``(None, info)`` returned, ``info`` describing the dense attention to run instead.
+    """
+    layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
+    with torch.no_grad():
+        if backend == "triton" or (backend == "auto" and q.is_cuda):
+            from .kernels.pipeline import pattern_stage, selection_from_pattern  # imports Triton
+
+            stage = pattern_stage(q, k, config, scale)
+            if dense_above is not None:
+                predicted = stage.predicted_density()
+                if bool(predicted.mean() > dense_above):  # host sync
+                    info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
+                    info.query_aware, info.js_distance = stage.query_aware, stage.js
+                    info.predicted_density = predicted
+                    return None, info
+            selection = selection_from_pattern(stage, config)
+            active, query_aware, js = selection.active, selection.query_aware, selection.js_distance
+        else:
+            reference = flex_prefill_reference(q, k, config, scale)
+            active, query_aware, js = reference.active, reference.query_aware, reference.js_distance
+        block_mask = block_mask_from_active(active, layout)  # active holds visible blocks only
+    if not with_info:
+        return block_mask, None
+    return block_mask, FlexPrefillInfo.from_selection(active, query_aware, js, layout, config)
 
 
 def flex_prefill_block_mask(
@@ -84,10 +109,5 @@ def flex_prefill_block_mask(
         min_seq_len=min_seq_len,
         max_density=max_density,
     )
-    layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
-    with torch.no_grad():
-        active, query_aware, js = select_active_blocks(q, k, config, scale, backend)  # visible only
-        block_mask = block_mask_from_active(active, layout)
-    if not return_info:
-        return block_mask
-    return block_mask, FlexPrefillInfo.from_selection(active, query_aware, js, layout, config)
+    block_mask, info = build_block_mask(q, k, config, scale, backend, with_info=return_info)
+    return (block_mask, info) if return_info else block_mask

@@ -27,3 +27,19 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, 
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
+
+
+def cuda_graph_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 200) -> float:
+    """Median milliseconds of one CUDA-graph replay of ``fn`` (GPU time, no launch overhead)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")

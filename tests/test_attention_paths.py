@@ -76,3 +76,29 @@ def test_default_kernel_options_on_hopper(cuda) -> None:
     if torch.cuda.get_device_capability()[0] >= 9:
         assert options is not None and options["USE_TMA"]
     assert default_kernel_options(q, 64) is None and default_kernel_options(q.float(), 128) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("workload", ["structured", "random"])
+def test_density_forecast_skips_the_selection_on_dense_inputs(workload: str) -> None:
+    """32k tokens, 32/8 heads, bf16: the forecast tracks the final density; random input
+    (near-uniform attention) goes to SDPA on the forecast alone, structured input stays sparse."""
+    from flexprefill_torch.benchmark import BenchSettings, make_inputs
+    from flexprefill_torch.kernels.pipeline import pattern_stage, selection_from_pattern
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q, k, v = make_inputs(workload, 32768, BenchSettings(), torch.device("cuda"), torch.bfloat16)
+    config = FlexPrefillConfig()
+    stage = pattern_stage(q, k, config)
+    predicted = stage.predicted_density().mean().item()
+    active = selection_from_pattern(stage, config).active
+    visible = (32768 // 128) * (32768 // 128 + 1) // 2
+    actual = (active.sum((-2, -1)).float() / visible).mean().item()
+    assert abs(predicted - actual) < 0.15, (predicted, actual)
+    out, info = flex_prefill_attention(q, k, v, config=config, return_info=True)
+    if workload == "random":
+        assert not info.sparse and info.predicted_density is not None
+        torch.testing.assert_close(out, dense_causal_attention(q, k, v))
+    else:
+        assert info.sparse and info.predicted_density is None

@@ -15,13 +15,40 @@ costs milliseconds, so a program handles many rows per reduction.
 
 from __future__ import annotations
 
+import functools
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from triton.runtime.jit import JITFunction
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _tracing() -> bool:
+    """True while ``torch.compile``/``make_fx`` trace (fake tensors, proxies, functionalization)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+class _Launcher:
+    """``kernel[grid](...)``: a direct Triton launch in eager mode, ``wrap_triton`` when traced.
+
+    ``wrap_triton`` makes a launch traceable, but in eager mode it goes through a
+    higher-order op on every call (tens of microseconds of host time per launch); the
+    direct launch is the same kernel with the same arguments.
+    """
+
+    def __init__(self, kernel: JITFunction) -> None:
+        self.kernel = kernel
+        self.traceable = torch.library.wrap_triton(kernel)
+
+    def __getitem__(self, grid: Any) -> Any:
+        return (self.traceable if _tracing() else self.kernel)[grid]
 
 
 def launch(kernel: Any) -> Any:
@@ -30,8 +57,31 @@ def launch(kernel: Any) -> Any:
     Interpreted kernels (``TRITON_INTERPRET=1``) are returned unchanged: they run eagerly.
     """
     if isinstance(kernel, JITFunction):
-        return torch.library.wrap_triton(kernel)
+        return _Launcher(kernel)
     return kernel
+
+
+def device_op(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Register a launcher as the ``torch.library.triton_op`` ``name``.
+
+    The returned function calls the op (a node ``torch.compile`` can trace into) while
+    compiling and the launcher itself in eager mode, which skips the dispatcher's
+    per-call overhead; ``.op`` is the registered op.
+    """
+
+    def register(fn: Callable[P, R]) -> Callable[P, R]:
+        op = torch.library.triton_op(name, mutates_args=())(fn)
+
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            if torch.compiler.is_compiling():
+                return op(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        call.op = op  # type: ignore[attr-defined]
+        return call
+
+    return register
 
 
 def interpreting(kernel: Any) -> bool:
@@ -130,3 +180,22 @@ def top_count(key, cand, m):
     tie = cand & (key == kappa[:, None])
     rank = tl.cumsum(tie.to(tl.int32), axis=1)
     return above | (tie & (rank <= room[:, None]))
+
+
+@triton.jit
+def top_few(key, cand, M: tl.constexpr):
+    """Same result as :func:`top_count` for a constant ``M``, by ``M`` max-extractions.
+
+    Cheaper than the 31-step bisection of :func:`top_count` when ``m`` is small (the min
+    budget is usually a handful of blocks): one int64 max-reduction per kept entry, on
+    ``key << 32 | ~index`` (unique, so ties go to the lower index).
+    """
+    j = tl.arange(0, key.shape[1])
+    packed = tl.where(cand, (key.to(tl.int64) << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :], -1)
+    taken = tl.zeros_like(cand)
+    for _ in tl.static_range(M):
+        best = tl.max(packed, axis=1)
+        hit = (packed == best[:, None]) & (best >= 0)[:, None]
+        taken = taken | hit
+        packed = tl.where(hit, -1, packed)
+    return taken

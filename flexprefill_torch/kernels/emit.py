@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import check_device, launch, next_pow2
+from ._utils import check_device, device_op, launch, next_pow2
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _emit_kernel(
     _emit_row(active & full, j, j_ok, full_num_ptr, full_idx_ptr, row, out)
 
 
-@torch.library.triton_op("flexprefill::emit_block_indices", mutates_args=())
+@device_op("flexprefill::emit_block_indices")
 def emit_block_indices(
     active: Tensor, q_len: int, kv_len: int, block_size: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

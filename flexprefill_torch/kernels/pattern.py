@@ -22,7 +22,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import as_f32, check_device, float_key, gamma_f64, launch, mass_threshold, next_pow2, split_gamma
+from ._utils import (
+    as_f32,
+    check_device,
+    device_op,
+    float_key,
+    gamma_f64,
+    launch,
+    mass_threshold,
+    next_pow2,
+    split_gamma,
+)
 
 QUERY_AWARE = 1
 """Bit of ``flags``: the head is query-aware (``D_JS < τ``)."""
@@ -110,7 +120,7 @@ def _pattern_kernel(
     tl.store(out, chosen, mask=j_ok[None, :] & (line < 2))
 
 
-@torch.library.triton_op("flexprefill::head_pattern", mutates_args=())
+@device_op("flexprefill::head_pattern")
 def head_pattern(
     q: Tensor,
     k_pool: Tensor,

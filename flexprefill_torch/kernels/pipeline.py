@@ -7,10 +7,12 @@ synchronisation, no data-dependent Python branch, no loop over batch or heads):
 1. :func:`.pool.pool_blocks` of ``q``, times the scale (one pass over ``q``);
 2. :func:`.representative.representative_attention` (``â``, slash parts, and the pooled
    keys: one pass over ``k``);
-3. ``scale · Q̄ · K̄ᵀ``: one batched float32 ``torch.matmul`` (cuBLAS; GQA by a view, no
+3. :func:`.pattern.head_pattern` (``ā``, ``D_JS``, pattern, dense fallback, vertical and
+   slash γ-selections) — steps 1–3 are :func:`pattern_stage`, whose
+   :meth:`PatternStage.predicted_density` lets ``flex_prefill_attention`` skip the rest
+   when the mask would be too dense to pay;
+4. ``scale · Q̄ · K̄ᵀ``: one batched float32 ``torch.matmul`` (cuBLAS; GQA by a view, no
    copy of the keys);
-4. :func:`.pattern.head_pattern` (``ā``, ``D_JS``, pattern, dense fallback, vertical and
-   slash γ-selections);
 5. :func:`.select.select_blocks` (block rules, query-aware selection, line extension, cap);
 6. optionally :func:`.emit.emit_block_indices` (``from_kv_blocks`` inputs).
 """
@@ -56,6 +58,101 @@ class TritonSelection:
     sparse: Tensor
 
 
+@dataclass
+class PatternStage:
+    """Steps 1–4 of :func:`triton_selection` (pooling, representative attention, pattern).
+
+    Attributes: the pooled queries ``q_pool [B, Hq, nq, D]`` (times the scale) and keys
+    ``k_pool [B, Hkv, nk, D]``, and :func:`.pattern.head_pattern`'s outputs (``estimate``,
+    ``slash``, ``js``, ``flags``, ``vsel``, ``ssel``) with ``true_blocks`` (``â``).
+    """
+
+    layout: BlockLayout
+    q_pool: Tensor
+    k_pool: Tensor
+    true_blocks: Tensor
+    estimate: Tensor
+    slash: Tensor
+    js: Tensor
+    flags: Tensor
+    vsel: Tensor
+    ssel: Tensor
+
+    @property
+    def query_aware(self) -> Tensor:
+        """``[B, Hq]`` bool: the head uses the query-aware pattern."""
+        return (self.flags & QUERY_AWARE) != 0
+
+    def predicted_density(self) -> Tensor:
+        """``[B, Hq]`` float32: a cheap forecast of each head's mask density.
+
+        The fraction of key blocks in the vertical γ-selection of the representative
+        queries, plus that of the slash selection for vertical-slash heads (at most 1);
+        1 for heads that fall back to dense. Measured close to the final density on
+        structured and random inputs (``tests/test_attention_paths.py``); used only to
+        skip the selection when the mask would clearly be too dense to pay.
+        """
+        n_kv = self.layout.num_kv_blocks
+        vertical = self.vsel.sum(-1, dtype=torch.float32) / n_kv
+        slash = self.ssel.sum(-1, dtype=torch.float32) / n_kv
+        density = torch.where(self.query_aware, vertical, (vertical + slash).clamp(max=1.0))
+        return torch.where((self.flags & SPARSE) != 0, density, 1.0)
+
+
+def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None = None) -> PatternStage:
+    """Pooling, representative attention and pattern decision (steps 1, 2 and 4).
+
+    Args: as :func:`triton_selection`.
+    """
+    b = config.block_size
+    layout = BlockLayout(q.shape[-2], k.shape[-2], b)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q_pool, q_bad = pool_blocks(q, b, scale)  # scale * Q̄
+    true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
+    estimate, slash, js, flags, vsel, ssel = head_pattern(
+        q, k_pool, true_blocks, parts, q_bad, k_bad, b, layout.kv_len, scale, config.tau, config.gamma
+    )
+    return PatternStage(layout, q_pool, k_pool, true_blocks, estimate, slash, js, flags, vsel, ssel)
+
+
+def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> TritonSelection:
+    """The block logits and the block selection (steps 3 and 5) after :func:`pattern_stage`."""
+    layout = stage.layout
+    batch, kv_heads, n_kv, dim = stage.k_pool.shape
+    q_heads, n_q = stage.q_pool.shape[1], stage.q_pool.shape[2]
+    group = q_heads // kv_heads
+    logits = torch.matmul(stage.q_pool.view(batch, kv_heads, group * n_q, dim), stage.k_pool.mT)
+    logits = logits.view(batch, q_heads, n_q, n_kv)
+    max_blocks = -1 if config.max_blocks is None else config.max_blocks
+    active = select_blocks(
+        logits,
+        stage.flags,
+        stage.true_blocks,
+        stage.slash,
+        stage.vsel,
+        stage.ssel,
+        layout.q_len,
+        layout.kv_len,
+        layout.block_size,
+        config.gamma,
+        config.min_blocks,
+        max_blocks,
+        config.query_aware_selection == "per_row",
+        config.tau > 0.0,
+    )
+    return TritonSelection(
+        active=active,
+        query_aware=stage.query_aware,
+        js_distance=stage.js,
+        true_blocks=stage.true_blocks,
+        estimated_blocks=stage.estimate,
+        slash=stage.slash,
+        vertical_selected=stage.vsel,
+        slash_selected=stage.ssel,
+        sparse=(stage.flags & SPARSE) != 0,
+    )
+
+
 def triton_selection(
     q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None = None
 ) -> TritonSelection:
@@ -66,49 +163,7 @@ def triton_selection(
             under ``TRITON_INTERPRET=1``).
         config: the FlexPrefill configuration; scale: default ``1/sqrt(D)``.
     """
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    b = config.block_size
-    layout = BlockLayout(q_len, kv_len, b)
-    n_q, n_kv = layout.num_q_blocks, layout.num_kv_blocks
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    group = q_heads // kv_heads
-
-    q_pool, q_bad = pool_blocks(q, b, scale)  # scale * Q̄
-    true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
-    logits = torch.matmul(q_pool.view(batch, kv_heads, group * n_q, dim), k_pool.mT)
-    logits = logits.view(batch, q_heads, n_q, n_kv)
-    estimate, slash, js, flags, vsel, ssel = head_pattern(
-        q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale, config.tau, config.gamma
-    )
-    max_blocks = -1 if config.max_blocks is None else config.max_blocks
-    active = select_blocks(
-        logits,
-        flags,
-        true_blocks,
-        slash,
-        vsel,
-        ssel,
-        q_len,
-        kv_len,
-        b,
-        config.gamma,
-        config.min_blocks,
-        max_blocks,
-        config.query_aware_selection == "per_row",
-        config.tau > 0.0,
-    )
-    return TritonSelection(
-        active=active,
-        query_aware=(flags & QUERY_AWARE) != 0,
-        js_distance=js,
-        true_blocks=true_blocks,
-        estimated_blocks=estimate,
-        slash=slash,
-        vertical_selected=vsel,
-        slash_selected=ssel,
-        sparse=(flags & SPARSE) != 0,
-    )
+    return selection_from_pattern(pattern_stage(q, k, config, scale), config)
 
 
 def triton_select_active_blocks(

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import as_f32, check_device, interpreting, launch, next_pow2
+from ._utils import as_f32, check_device, device_op, interpreting, launch, next_pow2
 
 
 @triton.jit
@@ -59,7 +59,12 @@ def _pool_kernel(
         tl.store(bad_ptr + bh.to(tl.int64) * n_blocks + blk, bad, mask=in_range)
 
 
-@torch.library.triton_op("flexprefill::pool_blocks", mutates_args=())
+TUNING: dict[str, int] = {"load_elems": 16384, "num_warps": 4}
+"""Launch parameters of :func:`_pool_kernel`: elements per load (``SUB × BLOCK_D``) and warps.
+Chosen on an H200 with ``benchmarks/kernel_tuning.py``, which overrides them."""
+
+
+@device_op("flexprefill::pool_blocks")
 def pool_blocks(x: Tensor, block_size: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Block means of ``x`` (times ``scale``) and the count of non-finite means per block.
 
@@ -79,7 +84,7 @@ def pool_blocks(x: Tensor, block_size: int, scale: float = 1.0) -> tuple[Tensor,
     pooled = torch.empty(batch, heads, n_blocks, dim, device=x.device, dtype=torch.float32)
     bad = torch.empty(batch, heads, n_blocks, device=x.device, dtype=torch.int32)
     block_d = next_pow2(dim)
-    sub = max(1, min(block_size, 8192 // block_d))
+    sub = max(1, min(block_size, TUNING["load_elems"] // block_d))
     # one block per program on a GPU (measured faster than looping); whole heads when interpreted
     per_prog = next_pow2(n_blocks, 1) if interpreting(_pool_kernel) else 1
     launch(_pool_kernel)[(batch * heads, -(-n_blocks // per_prog))](
@@ -99,6 +104,6 @@ def pool_blocks(x: Tensor, block_size: int, scale: float = 1.0) -> tuple[Tensor,
         SUB=sub,
         BLOCK_D=block_d,
         BLOCKS_PER_PROG=per_prog,
-        num_warps=4,
+        num_warps=TUNING["num_warps"],
     )
     return pooled, bad

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import as_f32, check_device, interpreting, launch, next_pow2
+from ._utils import as_f32, check_device, device_op, interpreting, launch, next_pow2
 
 
 @triton.jit
@@ -105,19 +105,26 @@ def _tile_kernel(
                 logits = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
             else:
                 logits = tl.dot(q, tl.trans(kt)) * scale
-            ok = row_ok[:, None] & (keys[None, :] <= position[:, None])
-            logits = tl.where(ok, logits, float("-inf"))
+            # the causal mask (and the padding rows) only matter in the last tiles
+            if (j * BLOCK + c_first + BLOCK_N > kv_len - r + 1) | (r < BLOCK_R):
+                ok = row_ok[:, None] & (keys[None, :] <= position[:, None])
+                logits = tl.where(ok, logits, float("-inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_ref)
             p = tl.exp(logits - m_ref[:, None])
             # offset group of (row i, key j*b + c) is C - j + d: d = 0 iff c - i >= rem,
-            # d = 2 iff c - i <= rem - b - 1, else d = 1
-            low = c[None, :] >= rows[:, None] + rem
-            high = c[None, :] <= rows[:, None] + (rem - BLOCK - 1)
-            l0 = l0 * alpha + tl.sum(tl.where(low, p, 0.0), axis=1)
-            l2 = l2 * alpha + tl.sum(tl.where(high, p, 0.0), axis=1)
-            l1 = l1 * alpha + tl.sum(tl.where(low | high, 0.0, p), axis=1)
+            # d = 2 iff c - i <= rem - b - 1 (possible only if rem >= b + 2 - r), else d = 1
+            low = tl.sum(tl.where(c[None, :] >= rows[:, None] + rem, p, 0.0), axis=1)
+            rest = tl.sum(p, axis=1) - low
+            if rem >= BLOCK + 2 - r:
+                high = tl.sum(tl.where(c[None, :] <= rows[:, None] + (rem - BLOCK - 1), p, 0.0), axis=1)
+                rest -= high
+                l2 = l2 * alpha + high
+            else:
+                l2 = l2 * alpha
+            l0 = l0 * alpha + low
+            l1 = l1 * alpha + tl.maximum(rest, 0.0)
             m = m_new
         out = stats_ptr + ((bh.to(tl.int64) * n_kv_blocks + j) * 4) * BLOCK_R + rows
         in_range = j < n_kv_blocks
@@ -186,7 +193,13 @@ def slash_origin(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
     return rem, origin
 
 
-@torch.library.triton_op("flexprefill::representative_attention", mutates_args=())
+TUNING: dict[str, int] = {"tile_elems": 16384, "programs": 4096, "num_warps": 4, "num_stages": 2}
+"""Launch parameters of :func:`_tile_kernel`: key-tile size ``BLOCK_R × BLOCK_N`` (elements),
+target program count (split-K), warps and pipeline stages. Chosen on an H200 with
+``benchmarks/kernel_tuning.py``, which overrides them to measure candidates."""
+
+
+@device_op("flexprefill::representative_attention")
 def representative_attention(
     q: Tensor, k: Tensor, block_size: int, scale: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -213,13 +226,13 @@ def representative_attention(
     interp = interpreting(_tile_kernel)
     block_r = next_pow2(r)
     block_d = next_pow2(dim)
-    block_n = min(block_size, max(16, 16384 // max(block_r, block_d)))
+    block_n = min(block_size, max(16, TUNING["tile_elems"] // max(block_r, block_d)))
     fp32_dot = q.dtype == torch.float32 or interp
     rem, _ = slash_origin(q_len, kv_len, block_size)
     dev = q.device
 
     # split-K over key blocks: ~1024 programs on a GPU (few, large ones when interpreted)
-    splits = max(1, min(n_kv, 2 if interp else 64, -(-1024 // bh)))
+    splits = max(1, min(n_kv, 2 if interp else 64, -(-TUNING["programs"] // bh)))
     per_split = triton.next_power_of_2(-(-n_kv // splits))
     n_splits = -(-n_kv // per_split)
     stats = torch.empty(bh, n_kv, 4, block_r, device=dev, dtype=torch.float32)
@@ -230,7 +243,8 @@ def representative_attention(
         q, k, stats, lse, k_pool, k_bad, q_heads, group, q_len, kv_len, dim, r, n_kv, n_splits, rem, scale,
         *q.stride(), *k.stride(),
         BLOCK=block_size, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCKS_PER_SPLIT=per_split, FP32_DOT=fp32_dot, num_warps=8 if block_r * block_n >= 16384 else 4,
+        BLOCKS_PER_SPLIT=per_split, FP32_DOT=fp32_dot, num_warps=TUNING["num_warps"] if block_r * block_n >= TUNING["tile_elems"] else 4,
+        num_stages=TUNING["num_stages"],
     )
     blocks = next_pow2(n_kv, 1) if interp else max(1, min(next_pow2(n_kv, 1), 4096 // block_r))
     true_blocks = torch.empty(batch, q_heads, n_kv, device=dev, dtype=torch.float32)

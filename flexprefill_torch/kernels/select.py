@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ._utils import (
     check_device,
+    device_op,
     float_key,
     gamma_f64,
     interpreting,
@@ -45,10 +46,15 @@ from ._utils import (
     next_pow2,
     split_gamma,
     top_count,
+    top_few,
 )
 
 PASS_WIDTHS = (4, 4, 4, 4, 4, 4, 4, 3)
 """Bits of the 31-bit key resolved by each threshold pass, most significant first."""
+
+FEW_BLOCKS = 16
+"""Min budgets of at most this many blocks use max-extraction (``_utils.top_few``), larger
+ones the 31-step bisection (``_utils.top_count``)."""
 
 
 @triton.jit
@@ -59,11 +65,22 @@ def _cap(active, forced, key, max_blocks):
 
 
 @triton.jit
+def _strongest(key, visible, min_blocks, FEW: tl.constexpr):
+    """The min budget: each row's ``min_blocks`` best visible blocks (``reference.strongest_blocks``).
+
+    ``FEW`` is ``min_blocks`` when it is at most :data:`FEW_BLOCKS` (max-extraction), else 0.
+    """
+    if FEW > 0:
+        return top_few(key, visible, FEW)
+    return top_count(key, visible, min_blocks)
+
+
+@triton.jit
 def _rows_kernel(
     logits_ptr, flags_ptr, true_ptr, slash_ptr, vsel_ptr, ssel_ptr, active_ptr, x_ptr, base_ptr,
     q_len, kv_len, n_q_blocks, n_kv_blocks, min_blocks, max_blocks, gamma_hi, gamma_lo,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, ROWS: tl.constexpr, PER_ROW: tl.constexpr,
-    CAP: tl.constexpr,
+    CAP: tl.constexpr, FEW: tl.constexpr,
 ):
     # PER_ROW is also set when the global buffers (x, base) are not allocated
     bh = tl.program_id(1)
@@ -93,7 +110,7 @@ def _rows_kernel(
         total = tl.sum(e, axis=1)
         scores = e / tl.where(total == 0.0, 1.0, total)[:, None]
         key = float_key(scores)
-        forced = forced | top_count(key, visible, min_blocks)
+        forced = forced | _strongest(key, visible, min_blocks, FEW)
         if PER_ROW:
             base = tl.sum(tl.where(forced, scores, 0.0).to(tl.float64), axis=1)
             free = in_map & ~forced
@@ -118,7 +135,7 @@ def _rows_kernel(
         vertical = tl.load(true_ptr + head + j, mask=j < n_kv_blocks, other=0.0)
         scores = vertical[None, :] + tl.maximum(tl.maximum(s0, s1), s2)
         key = float_key(scores)
-        forced = forced | top_count(key, visible, min_blocks)
+        forced = forced | _strongest(key, visible, min_blocks, FEW)
         hit = (tl.load(vsel_ptr + head + j, mask=j < n_kv_blocks, other=0) != 0)[None, :]
         hit = hit | (tl.load(ssel_ptr + head + lowest, mask=in_map, other=0) != 0)
         hit = hit | (tl.load(ssel_ptr + head + g1, mask=in_map, other=0) != 0)
@@ -224,7 +241,13 @@ def _decide_kernel(
         tl.store(active_ptr + cells, active, mask=in_map)
 
 
-@torch.library.triton_op("flexprefill::select_blocks", mutates_args=())
+TUNING: dict[str, int] = {"row_cells": 1024, "num_warps": 4, "pass_cells": 4096, "pass_warps": 8}
+"""Launch parameters: map cells per program (whole rows) and warps of :func:`_rows_kernel`
+and :func:`_decide_kernel`, and of :func:`_threshold_pass_kernel`. Chosen on an H200 with
+``benchmarks/kernel_tuning.py``, which overrides them."""
+
+
+@device_op("flexprefill::select_blocks")
 def select_blocks(
     logits: Tensor,
     flags: Tensor,
@@ -270,18 +293,21 @@ def select_blocks(
     base = torch.empty((bh, n_q) if global_qa else (1,), device=dev, dtype=torch.float64)
     interp = interpreting(_rows_kernel)
     # rows per program: whole heads under the interpreter, ~4k cells per program on a GPU
-    rows = next_pow2(n_q, 1) if interp else max(1, min(next_pow2(n_q, 1), 4096 // block_nk))
-    warps = 8 if rows * block_nk >= 4096 else 4
+    cells = TUNING["row_cells"]
+    rows = next_pow2(n_q, 1) if interp else max(1, min(next_pow2(n_q, 1), cells // block_nk))
+    warps = TUNING["num_warps"] if rows * block_nk >= cells else 4
     launch(_rows_kernel)[(-(-n_q // rows), bh)](
         logits, flags, true_blocks, slash, vertical_selected, slash_selected, active, x, base,
         q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
-        BLOCK=block_size, BLOCK_NK=block_nk, ROWS=rows, PER_ROW=not global_qa, CAP=cap, num_warps=warps,
+        BLOCK=block_size, BLOCK_NK=block_nk, ROWS=rows, PER_ROW=not global_qa, CAP=cap,
+        FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, num_warps=warps,
     )
     if not global_qa:
         return active
 
     # threshold passes: ~8k cells per program, rows p, p + n_progs, ... of one head
-    pass_rows = next_pow2(n_q, 1) if interp else min(next_pow2(n_q, 1), next_pow2(8192 // block_nk, 1))
+    pass_cells = TUNING["pass_cells"]
+    pass_rows = next_pow2(n_q, 1) if interp else min(next_pow2(n_q, 1), next_pow2(pass_cells // block_nk, 1))
     n_progs = -(-n_q // pass_rows)
     row_chunk = pass_rows if interp else max(1, min(pass_rows, 1024 // block_nk))
     col_chunk = block_nk if interp else min(block_nk, 1024)
@@ -295,7 +321,7 @@ def select_blocks(
             x, flags, base, state, hist, ticket, q_len, kv_len, n_q, n_kv, n_progs, gamma_hi, gamma_lo,
             index, shift, width,
             BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_P=next_pow2(n_progs),
-            ROWS=pass_rows, ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, num_warps=8,
+            ROWS=pass_rows, ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, num_warps=TUNING["pass_warps"],
         )
     launch(_decide_kernel)[(-(-n_q // rows), bh)](
         x, flags, state, active, n_q, n_kv, max_blocks,

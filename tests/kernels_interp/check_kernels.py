@@ -295,3 +295,31 @@ def test_pipeline_property(kv_heads, group, q_len, extra, block, gamma, tau, min
     config = FlexPrefillConfig(block_size=block, gamma=gamma, tau=tau, min_budget=min_budget)
     q, k = _qk(1, kv_heads, group, q_len, q_len + extra, 16, spread=4.0, seed=seed)
     assert torch.equal(triton_selection(q, k, config).active, R.flex_prefill_reference(q, k, config).active)
+
+
+@pytest.mark.parametrize("spread", [0.05, 4.0], ids=["flat", "peaked"])
+def test_predicted_density_and_early_dense_exit(spread):
+    from flexprefill_torch.attention import dense_causal_attention, flex_prefill_attention
+    from flexprefill_torch.kernels.pipeline import pattern_stage
+    from flexprefill_torch.selection import build_block_mask
+
+    config = FlexPrefillConfig(block_size=16, min_budget=16, gamma=0.9, min_seq_len=0)
+    q, k = _qk(1, 2, 2, 128, 128, 16, seed=3, spread=spread)
+    layout = BlockLayout(128, 128, 16)
+    predicted = pattern_stage(q, k, config).predicted_density()
+    actual = triton_selection(q, k, config).active.sum((-2, -1)) / layout.visible(DEVICE).sum()
+    assert predicted.shape == (1, 4)
+    assert abs(predicted.mean().item() - actual.mean().item()) < 0.15, (predicted, actual)
+    # a forecast above dense_above skips the selection; otherwise the usual mask and info
+    mask, info = build_block_mask(q, k, config, None, "triton", True, dense_above=predicted.mean().item() - 0.01)
+    assert mask is None and not info.sparse and torch.equal(info.predicted_density, predicted)
+    mask, info = build_block_mask(q, k, config, None, "triton", True, dense_above=predicted.mean().item() + 0.01)
+    assert mask is not None and info.sparse and info.predicted_density is None
+    # flex_prefill_attention runs SDPA on the forecast alone
+    v = torch.randn_like(k)
+    threshold = predicted.mean().item() - 0.01
+    out, info = flex_prefill_attention(
+        q, k, v, config=config, max_density=threshold, backend="triton", return_info=True
+    )
+    assert not info.sparse and info.predicted_density is not None
+    torch.testing.assert_close(out, dense_causal_attention(q, k, v))

@@ -1,0 +1,120 @@
+"""Launch-parameter sweep of the mask pipeline's Triton kernels (CUDA GPU).
+
+Usage::
+
+    python benchmarks/kernel_tuning.py                    # 32k and 128k
+    python benchmarks/kernel_tuning.py --lengths 32768 --out results.json
+
+For every candidate of each kernel's ``TUNING`` dict (``kernels/representative.py``,
+``kernels/pool.py``, ``kernels/select.py``) it replays the kernel as a CUDA graph
+(GPU time, no launch overhead), checks that the outputs equal those of the current
+defaults, prints a table and saves JSON. Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, the
+structured workload, default config (γ=0.9, τ=0.1). It measures and asserts nothing about
+time; the chosen defaults are written in the modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from flexprefill_torch.config import FlexPrefillConfig
+from flexprefill_torch.kernels import pool, representative, select
+from flexprefill_torch.kernels.pattern import head_pattern
+from flexprefill_torch.synthetic import structured_qkv
+from flexprefill_torch.timing import cuda_graph_ms
+
+CANDIDATES = {
+    "representative": (
+        representative.TUNING,
+        {"tile_elems": [8192, 16384], "programs": [1024, 2048, 4096], "num_warps": [4, 8], "num_stages": [2, 3]},
+    ),
+    "pool": (pool.TUNING, {"load_elems": [4096, 8192, 16384], "num_warps": [4, 8]}),
+    "select": (select.TUNING, {"row_cells": [1024, 2048], "num_warps": [1, 2, 4]}),
+    "threshold": (select.TUNING, {"pass_cells": [4096, 8192, 16384, 32768], "pass_warps": [2, 4, 8]}),
+}
+
+
+def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict:
+    """A zero-argument callable per kernel (its inputs precomputed with the defaults)."""
+    b = config.block_size
+    batch, heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(dim)
+    q_pool, q_bad = pool.pool_blocks(q, b, scale)
+    true_blocks, parts, k_pool, k_bad = representative.representative_attention(q, k, b, scale)
+    logits = torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT).view(batch, heads, q_pool.shape[2], -1)
+    _, slash, _, flags, vsel, ssel = head_pattern(
+        q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale, config.tau, config.gamma
+    )
+    fns = {
+        "representative": lambda: representative.representative_attention(q, k, b, scale),
+        "pool": lambda: pool.pool_blocks(q, b, scale),
+        "threshold": lambda: select.select_blocks(
+            logits, flags, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
+            config.min_blocks, -1, False, config.tau > 0,
+        ),
+    }
+    fns["select"] = fns["threshold"]  # the passes are part of the selection: both tune it
+    return fns
+
+
+def same(a, b) -> bool:
+    """Outputs equal (floats to 1e-5 relative: split-K changes the summation order)."""
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    for x, y in zip(a, b, strict=True):
+        if x.dtype.is_floating_point:
+            if not torch.allclose(x, y, rtol=1e-5, atol=1e-9):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel_tuning.json"))
+    args = parser.parse_args()
+    config = FlexPrefillConfig()
+    rows = []
+    for length in args.lengths:
+        q, k, _ = structured_qkv(1, 32, 8, length, 128, dtype=torch.bfloat16, device="cuda")
+        for name in args.kernels:
+            tuning, grid = CANDIDATES[name]
+            defaults = dict(tuning)
+            expected = stage_fns(q, k, config)[name]()
+            for values in itertools.product(*grid.values()):
+                tuning.update(zip(grid, values, strict=True))
+                fn = stage_fns(q, k, config)[name]
+                ok = same(fn(), expected)
+                ms = cuda_graph_ms(fn)
+                rows.append({"kernel": name, "seq_len": length, "params": dict(tuning), "ms": ms, "same": ok})
+                print(f"{name:15s} {length:7d} {ms:8.4f} ms  same={ok}  {dict(tuning)}", flush=True)
+            tuning.clear()
+            tuning.update(defaults)
+        del q, k
+        torch.cuda.empty_cache()
+    best = {}
+    for row in rows:
+        key = (row["kernel"], row["seq_len"])
+        if row["same"] and (key not in best or row["ms"] < best[key]["ms"]):
+            best[key] = row
+    print("\nfastest candidate per kernel and length:")
+    for (name, length), row in best.items():
+        print(f"{name:15s} {length:7d} {row['ms']:8.4f} ms  {row['params']}")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
