@@ -16,7 +16,7 @@ from .config import UNSET, FlexPrefillConfig, QueryAwareSelection, resolve_confi
 from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .reference import masked_attention_reference
-from .selection import Backend, build_block_mask
+from .selection import Backend, build_block_mask, uses_triton
 from .validation import check_qk, check_v
 
 _HAS_AUX_REQUEST = "return_aux" in inspect.signature(flex_attention).parameters
@@ -155,10 +155,11 @@ def flex_prefill_attention(
         ``out [B, Hq, Lq, Dv]``, then ``lse`` if ``return_lse``, then ``info`` if
         ``return_info``. The attention is dense SDPA when ``Lq == 1``, when
         ``Lq < min_seq_len``, or, in eager mode, when the mask would be denser than
-        ``max_density``: checked first on the pattern stage's forecast
-        (``info.predicted_density``; the block selection is then skipped), then on the
-        built mask (the info still describes it). With ``return_lse`` the short-input path
-        uses compiled flex over all visible blocks and the density rule is skipped.
+        ``max_density``: with the Triton pipeline judged on the pattern stage's forecast
+        (``info.predicted_density``; the block selection is then skipped), with the
+        reference on the built mask (the info still describes it). With ``return_lse`` the
+        short-input path uses compiled flex over all visible blocks and the density rule is
+        skipped.
     """
     check_qk(q, k, scale, backend)
     check_v(k, v)
@@ -187,11 +188,16 @@ def flex_prefill_attention(
             result = dense_causal_attention(q, k, v, scale)
     else:
         check = _density_rule_applies(q, config, return_lse)
-        dense_above = config.max_density if check else None
-        block_mask, info = build_block_mask(q, k, config, scale, backend, True, dense_above)
-        assert info is not None
-        if block_mask is None or (check and bool(info.density.mean() > config.max_density)):  # host sync
-            info.sparse = False
+        forecast = check and uses_triton(q, backend)  # else: the built mask's density
+        dense_above = config.max_density if forecast else None
+        block_mask, info = build_block_mask(
+            q, k, config, scale, backend, return_info or check, dense_above
+        )
+        # None: the forecast said too dense; without a forecast, the built mask's density decides
+        judge_mask = check and not forecast and info is not None
+        if block_mask is None or (judge_mask and bool(info.density.mean() > config.max_density)):  # host sync
+            if info is not None:
+                info.sparse = False
             result = dense_causal_attention(q, k, v, scale)
         else:
             result = run_flex_attention(q, k, v, block_mask, scale, return_lse, kernel_options)

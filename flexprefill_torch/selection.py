@@ -18,6 +18,11 @@ from .validation import check_qk
 Backend = Literal["auto", "reference", "triton"]
 
 
+def uses_triton(q: Tensor, backend: Backend) -> bool:
+    """Whether ``backend`` runs the Triton pipeline for ``q`` (``"auto"``: on CUDA tensors)."""
+    return backend == "triton" or (backend == "auto" and q.is_cuda)
+
+
 def build_block_mask(
     q: Tensor,
     k: Tensor,
@@ -39,7 +44,7 @@ def build_block_mask(
     """
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     with torch.no_grad():
-        if backend == "triton" or (backend == "auto" and q.is_cuda):
+        if uses_triton(q, backend):
             from .kernels.pipeline import pattern_stage, selection_from_pattern  # imports Triton
 
             stage = pattern_stage(q, k, config, scale)

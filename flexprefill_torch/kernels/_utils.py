@@ -66,7 +66,7 @@ def device_op(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
     The returned function calls the op (a node ``torch.compile`` can trace into) while
     compiling and the launcher itself in eager mode, which skips the dispatcher's
-    per-call overhead; ``.op`` is the registered op.
+    per-call overhead.
     """
 
     def register(fn: Callable[P, R]) -> Callable[P, R]:
@@ -78,7 +78,6 @@ def device_op(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                 return op(*args, **kwargs)
             return fn(*args, **kwargs)
 
-        call.op = op  # type: ignore[attr-defined]
         return call
 
     return register

@@ -60,7 +60,7 @@ class TritonSelection:
 
 @dataclass
 class PatternStage:
-    """Steps 1–4 of :func:`triton_selection` (pooling, representative attention, pattern).
+    """Steps 1–3 of :func:`triton_selection` (pooling, representative attention, pattern).
 
     Attributes: the pooled queries ``q_pool [B, Hq, nq, D]`` (times the scale) and keys
     ``k_pool [B, Hkv, nk, D]``, and :func:`.pattern.head_pattern`'s outputs (``estimate``,
@@ -89,8 +89,9 @@ class PatternStage:
         The fraction of key blocks in the vertical γ-selection of the representative
         queries, plus that of the slash selection for vertical-slash heads (at most 1);
         1 for heads that fall back to dense. Measured close to the final density on
-        structured and random inputs (``tests/test_attention_paths.py``); used only to
-        skip the selection when the mask would clearly be too dense to pay.
+        structured and random inputs (``tests/test_attention_paths.py``,
+        ``tests/kernels_interp/check_kernels.py``); ``flex_prefill_attention`` uses it to
+        skip the selection when the mask would be too dense to pay.
         """
         n_kv = self.layout.num_kv_blocks
         vertical = self.vsel.sum(-1, dtype=torch.float32) / n_kv
@@ -100,7 +101,7 @@ class PatternStage:
 
 
 def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None = None) -> PatternStage:
-    """Pooling, representative attention and pattern decision (steps 1, 2 and 4).
+    """Pooling, representative attention and pattern decision (steps 1–3).
 
     Args: as :func:`triton_selection`.
     """
@@ -116,7 +117,7 @@ def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float 
 
 
 def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> TritonSelection:
-    """The block logits and the block selection (steps 3 and 5) after :func:`pattern_stage`."""
+    """The block logits and the block selection (steps 4 and 5) after :func:`pattern_stage`."""
     layout = stage.layout
     batch, kv_heads, n_kv, dim = stage.k_pool.shape
     q_heads, n_q = stage.q_pool.shape[1], stage.q_pool.shape[2]
