@@ -49,7 +49,7 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
     q_pool, q_bad = pool.pool_blocks(q, b, scale)
     true_blocks, parts, k_pool, k_bad = representative.representative_attention(q, k, b, scale)
     logits = torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT).view(batch, heads, q_pool.shape[2], -1)
-    _, slash, _, flags, vsel, ssel = head_pattern(
+    _, slash, _, flags, vsel, ssel, _ = head_pattern(
         q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale, config.tau, config.gamma
     )
     fns = {

@@ -66,7 +66,7 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
         return torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT)
 
     logits = logits_fn().view(batch, heads, n_q, -1)
-    est, slash, js, flags, vsel, ssel = head_pattern(
+    est, slash, js, flags, vsel, ssel, _ = head_pattern(
         q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale, config.tau, config.gamma
     )
 

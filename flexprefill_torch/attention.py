@@ -28,7 +28,7 @@ HOPPER_KERNEL_OPTIONS: dict[str, Any] = {
     "BLOCK_M": 128,
     "BLOCK_N": 128,
     "num_warps": 8,
-    "num_stages": 2,
+    "num_stages": 3,
     "USE_TMA": True,
 }
 
@@ -191,7 +191,7 @@ def flex_prefill_attention(
         forecast = check and uses_triton(q, backend)  # else: the built mask's density
         dense_above = config.max_density if forecast else None
         block_mask, info = build_block_mask(
-            q, k, config, scale, backend, return_info or check, dense_above
+            q, k, config, scale, backend, return_info or (check and not forecast), dense_above
         )
         # None: the forecast said too dense; without a forecast, the built mask's density decides
         judge_mask = check and not forecast and info is not None

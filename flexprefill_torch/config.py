@@ -120,7 +120,9 @@ class FlexPrefillConfig:
             for name, value in changes.items()
             if value is not UNSET and (value is not None or name in _NULLABLE)
         }
-        return dataclasses.replace(self, **changes) if changes else self
+        if not changes:
+            return self
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (round-trips through ``FlexPrefillConfig(**d)``)."""
@@ -133,7 +135,7 @@ def resolve_config(config: FlexPrefillConfig | None, **overrides: Any) -> FlexPr
         raise TypeError(
             f"config must be a FlexPrefillConfig or None, got config of type {type(config).__name__}"
         )
-    return (config or FlexPrefillConfig()).replace(**overrides)
+    return (config or _DEFAULT).replace(**overrides)  # frozen: the default instance is shared
 
 
 def _check_real(name: str, value: Any) -> None:
@@ -144,3 +146,6 @@ def _check_real(name: str, value: Any) -> None:
 def _check_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {name}={value!r}")
+
+
+_DEFAULT = FlexPrefillConfig()

@@ -40,7 +40,8 @@ def build_block_mask(
 
     ``dense_above`` (Triton pipeline only; costs one host synchronisation): when the
     pattern stage's predicted mean density exceeds it, the selection is skipped and
-    ``(None, info)`` returned, ``info`` describing the dense attention to run instead.
+    ``(None, info)`` returned, ``info`` (if ``with_info``) describing the dense attention
+    to run instead.
     """
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     with torch.no_grad():
@@ -48,13 +49,13 @@ def build_block_mask(
             from .kernels.pipeline import pattern_stage, selection_from_pattern  # imports Triton
 
             stage = pattern_stage(q, k, config, scale)
-            if dense_above is not None:
-                predicted = stage.predicted_density()
-                if bool(predicted.mean() > dense_above):  # host sync
-                    info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
-                    info.query_aware, info.js_distance = stage.query_aware, stage.js
-                    info.predicted_density = predicted
-                    return None, info
+            if dense_above is not None and stage.density.mean().item() > dense_above:  # host sync
+                if not with_info:
+                    return None, None
+                info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
+                info.query_aware, info.js_distance = stage.query_aware, stage.js
+                info.predicted_density = stage.density
+                return None, info
             selection = selection_from_pattern(stage, config)
             active, query_aware, js = selection.active, selection.query_aware, selection.js_distance
         else:

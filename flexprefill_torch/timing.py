@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -13,20 +13,42 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, 
     """Median milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
-    times = []
+    return statistics.median(_time_ms(fn, device) for _ in range(repeats))
+
+
+def paired_median_ms(
+    fns: Sequence[Callable[[], object]], device: torch.device, repeats: int = 5, calls: int = 1
+) -> list[float]:
+    """Median milliseconds per call of each of ``fns``, sampled in alternation.
+
+    Sample ``i`` of every function is taken one after the other (a, b, a, b, ...), so
+    clock or thermal drift affects them alike. Each sample times ``calls`` back-to-back
+    calls and divides by ``calls``: with ``calls > 1`` the host work of one call overlaps
+    the device work of the previous one, as in a model's loop over layers; with
+    ``calls=1`` each call starts from an idle device and its host overhead counts in full.
+    """
+    for fn in fns:  # warm-up
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+        for fn, times in zip(fns, samples, strict=True):
+            times.append(_time_ms(lambda fn=fn: [fn() for _ in range(calls)], device) / calls)
+    return [statistics.median(times) for times in samples]
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one ``fn()`` (CUDA events on a GPU, wall clock on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
 
 
 def cuda_graph_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 200) -> float:

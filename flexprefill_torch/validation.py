@@ -20,24 +20,22 @@ def check_qk(q: Tensor, k: Tensor, scale: float | None, backend: str) -> None:
             )
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {name}.dtype={x.dtype}")
-        if x.shape[2] == 0 or x.shape[3] == 0 or x.shape[0] == 0 or x.shape[1] == 0:
+        if 0 in x.shape:
             raise ValueError(f"{name} must not be empty, got {name}.shape={tuple(x.shape)}")
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must share a dtype, got q.dtype={q.dtype} and k.dtype={k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, got q.device={q.device} and k.device={k.device}")
-    if q.shape[0] != k.shape[0]:
+    (qb, qh, ql, qd), (kb, kh, kl, kd) = q.shape, k.shape
+    if qb != kb:
         raise ValueError(f"q and k must share the batch size, got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    if q.shape[3] != k.shape[3]:
+    if qd != kd:
         raise ValueError(f"q and k must share head_dim, got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    if q.shape[1] % k.shape[1] != 0:
+    if qh % kh != 0:
+        raise ValueError(f"query heads must be a multiple of key heads (GQA), got q heads={qh}, k heads={kh}")
+    if ql > kl:
         raise ValueError(
-            f"query heads must be a multiple of key heads (GQA), got q heads={q.shape[1]}, k heads={k.shape[1]}"
-        )
-    if q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"queries are the last positions of the keys, so q_len <= kv_len is required, "
-            f"got q_len={q.shape[2]}, kv_len={k.shape[2]}"
+            f"queries are the last positions of the keys, so q_len <= kv_len is required, got q_len={ql}, kv_len={kl}"
         )
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or scale == float("inf")):
         raise ValueError(f"scale must be None or a positive finite float, got scale={scale!r}")

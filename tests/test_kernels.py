@@ -37,3 +37,26 @@ def test_triton_backend_needs_cuda_or_interpreter():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         flex_prefill_block_mask(q, k, block_size=16, backend="triton")
     flex_prefill_block_mask(q, k, block_size=16, backend="auto")  # the reference on CPU
+
+
+def test_launch_key_tells_apart_what_triton_specialises_on():
+    """The direct-launch cache key changes with every property Triton specialises a kernel on."""
+    from flexprefill_torch.kernels._utils import _specialisation
+
+    x = torch.zeros(64, dtype=torch.float32)
+    options = {"BLOCK": 128, "num_warps": 4}
+    base = _specialisation(0, (x, 16, 0.5), options)
+    assert base == _specialisation(0, (torch.ones(64), 16, 0.5), dict(options))  # same dtype, aligned
+    variants = [
+        _specialisation(1, (x, 16, 0.5), options),  # device
+        _specialisation(0, (x[1:], 16, 0.5), options),  # 4-byte offset: not 16-byte aligned
+        _specialisation(0, (x.half(), 16, 0.5), options),  # dtype
+        _specialisation(0, (x, 17, 0.5), options),  # divisibility by 16
+        _specialisation(0, (x, 1, 0.5), options),  # the value 1
+        _specialisation(0, (x, True, 0.5), options),  # 1 == True in Python, not for Triton
+        _specialisation(0, (x, 16.0, 0.5), options),  # int vs float
+        _specialisation(0, (x, 2**31 + 16, 0.5), options),  # int32 vs int64
+        _specialisation(0, (x, 16, 0.5), {"BLOCK": 64, "num_warps": 4}),  # constexpr
+        _specialisation(0, (x, 16, 0.5), {"BLOCK": 128, "num_warps": 8}),  # launch option
+    ]
+    assert len({base, *variants}) == len(variants) + 1

@@ -73,6 +73,27 @@ def test_agreement_with_reference(cuda, length, dtype):
         assert vs_min >= config.gamma - 1e-3
 
 
+def test_direct_launch_matches_triton_dispatch(cuda):
+    """The launcher's direct path (second launch of a specialisation) gives Triton's results,
+    and a new specialisation (a misaligned view) goes through Triton's dispatch again."""
+    from flexprefill_torch.kernels._utils import launch
+    from flexprefill_torch.kernels.pool import _pool_kernel, pool_blocks
+    from flexprefill_torch.reference import pool_blocks as reference_pool
+
+    launcher = launch(_pool_kernel)
+    launcher.compiled.clear()
+    shape = (1, 2, 300, 64)
+    storage = torch.randn(3 * math.prod(shape) + 1, device="cuda")
+    inputs = [storage[: math.prod(shape)], storage[math.prod(shape) : 2 * math.prod(shape)], storage[-math.prod(shape) :]]
+    for x in inputs:  # Triton's dispatch, then the direct call, then dispatch (misaligned)
+        x = x.view(shape)
+        pooled, bad = pool_blocks(x, 32, 0.5)
+        torch.testing.assert_close(pooled, 0.5 * reference_pool(x, 32), atol=1e-5, rtol=1e-5)
+        assert int(bad.sum()) == 0
+    assert inputs[-1].data_ptr() % 16 != 0
+    assert len(launcher.compiled) == 2
+
+
 def test_cuda_graph_capture(cuda):
     from flexprefill_torch.kernels import triton_selection
 

@@ -43,7 +43,7 @@ SPARSE = 2
 @triton.jit
 def _pattern_kernel(
     q_ptr, k_pool_ptr, true_ptr, parts_ptr, q_bad_ptr, k_bad_ptr,
-    est_ptr, slash_ptr, js_ptr, flags_ptr, vsel_ptr, ssel_ptr,
+    est_ptr, slash_ptr, js_ptr, flags_ptr, vsel_ptr, ssel_ptr, density_ptr,
     q_heads, group, q_len, dim, r, n_q_blocks, n_kv_blocks, origin, scale, inv_r, tau,
     gamma_hi, gamma_lo, sparse_allowed,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -119,6 +119,13 @@ def _pattern_kernel(
     out = tl.where(line == 0, vsel_ptr, ssel_ptr) + row + j[None, :]
     tl.store(out, chosen, mask=j_ok[None, :] & (line < 2))
 
+    # Forecast of the mask density: selected columns (+ offset groups for vertical-slash).
+    fraction = tl.sum((chosen & j_ok[None, :]).to(tl.float32), axis=1) / n_kv_blocks
+    vertical = tl.sum(tl.where(tl.arange(0, 2) == 0, fraction, 0.0), axis=0)
+    both = tl.minimum(tl.sum(fraction, axis=0), 1.0)
+    density = tl.where(finite, tl.where(js < tau, vertical, both), 1.0)
+    tl.store(density_ptr + bh, density)
+
 
 @device_op("flexprefill::head_pattern")
 def head_pattern(
@@ -133,7 +140,7 @@ def head_pattern(
     scale: float,
     tau: float,
     gamma: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Pattern, dense fallback and the vertical/slash selections of every query head.
 
     Args:
@@ -147,7 +154,9 @@ def head_pattern(
         ``estimate [B, Hq, nk]`` (``ā``), ``slash [B, Hq, nk]`` (pooled slash mass per
         offset group), ``js [B, Hq]`` float32, ``flags [B, Hq]`` int32
         (:data:`QUERY_AWARE` | :data:`SPARSE`), ``vertical_selected`` and
-        ``slash_selected`` ``[B, Hq, nk]`` bool.
+        ``slash_selected`` ``[B, Hq, nk]`` bool, and ``predicted_density [B, Hq]`` float32:
+        the fraction of key blocks in the vertical selection, plus that of the slash
+        selection for vertical-slash heads (at most 1), 1 for dense-fallback heads.
     """
     from .representative import slash_origin
 
@@ -164,14 +173,15 @@ def head_pattern(
     flags = torch.empty(batch, q_heads, device=q.device, dtype=torch.int32)
     vsel = torch.empty(shape, device=q.device, dtype=torch.bool)
     ssel = torch.empty(shape, device=q.device, dtype=torch.bool)
+    density = torch.empty(batch, q_heads, device=q.device, dtype=torch.float32)
     block_nk = next_pow2(n_kv)
     block_d = next_pow2(dim)
     gamma_hi, gamma_lo = split_gamma(gamma)
     launch(_pattern_kernel)[(batch * q_heads,)](
-        q, k_pool, true_blocks, parts, q_bad, k_bad, estimate, slash, js, flags, vsel, ssel,
+        q, k_pool, true_blocks, parts, q_bad, k_bad, estimate, slash, js, flags, vsel, ssel, density,
         q_heads, q_heads // kv_heads, q_len, dim, r, n_q, n_kv, origin, scale, 1.0 / r, tau,
         gamma_hi, gamma_lo, int(gamma < 1.0), *q.stride(),
         BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_R=next_pow2(r), BLOCK_D=block_d,
         D_CHUNK=max(1, min(block_d, 8192 // block_nk)), LN2=math.log(2.0), num_warps=8 if block_nk >= 2048 else 4,
     )
-    return estimate, slash, js, flags, vsel, ssel
+    return estimate, slash, js, flags, vsel, ssel, density

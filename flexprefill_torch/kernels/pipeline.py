@@ -64,7 +64,7 @@ class PatternStage:
 
     Attributes: the pooled queries ``q_pool [B, Hq, nq, D]`` (times the scale) and keys
     ``k_pool [B, Hkv, nk, D]``, and :func:`.pattern.head_pattern`'s outputs (``estimate``,
-    ``slash``, ``js``, ``flags``, ``vsel``, ``ssel``) with ``true_blocks`` (``â``).
+    ``slash``, ``js``, ``flags``, ``vsel``, ``ssel``, ``density``) with ``true_blocks`` (``â``).
     """
 
     layout: BlockLayout
@@ -77,6 +77,7 @@ class PatternStage:
     flags: Tensor
     vsel: Tensor
     ssel: Tensor
+    density: Tensor
 
     @property
     def query_aware(self) -> Tensor:
@@ -88,16 +89,13 @@ class PatternStage:
 
         The fraction of key blocks in the vertical γ-selection of the representative
         queries, plus that of the slash selection for vertical-slash heads (at most 1);
-        1 for heads that fall back to dense. Measured close to the final density on
-        structured and random inputs (``tests/test_attention_paths.py``,
-        ``tests/kernels_interp/check_kernels.py``); ``flex_prefill_attention`` uses it to
-        skip the selection when the mask would be too dense to pay.
+        1 for heads that fall back to dense (computed by :func:`.pattern.head_pattern`).
+        Measured close to the final density on structured and random inputs
+        (``tests/test_attention_paths.py``, ``tests/kernels_interp/check_kernels.py``);
+        ``flex_prefill_attention`` uses it to skip the selection when the mask would be
+        too dense to pay.
         """
-        n_kv = self.layout.num_kv_blocks
-        vertical = self.vsel.sum(-1, dtype=torch.float32) / n_kv
-        slash = self.ssel.sum(-1, dtype=torch.float32) / n_kv
-        density = torch.where(self.query_aware, vertical, (vertical + slash).clamp(max=1.0))
-        return torch.where((self.flags & SPARSE) != 0, density, 1.0)
+        return self.density
 
 
 def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None = None) -> PatternStage:
@@ -110,10 +108,10 @@ def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q_pool, q_bad = pool_blocks(q, b, scale)  # scale * Q̄
     true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
-    estimate, slash, js, flags, vsel, ssel = head_pattern(
+    estimate, slash, js, flags, vsel, ssel, density = head_pattern(
         q, k_pool, true_blocks, parts, q_bad, k_bad, b, layout.kv_len, scale, config.tau, config.gamma
     )
-    return PatternStage(layout, q_pool, k_pool, true_blocks, estimate, slash, js, flags, vsel, ssel)
+    return PatternStage(layout, q_pool, k_pool, true_blocks, estimate, slash, js, flags, vsel, ssel, density)
 
 
 def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> TritonSelection:

@@ -144,7 +144,7 @@ def test_head_pattern(tau):
     config = FlexPrefillConfig(block_size=16, min_budget=32, tau=tau, gamma=0.85)
     q, k = _qk(2, 2, 2, 70, 100, 32, spread=4.0, seed=1)
     layout, scale, q_pool, k_pool, true_blocks, _, outs = _stages(q, k, config)
-    estimate, slash, js, flags, vsel, ssel = outs
+    estimate, slash, js, flags, vsel, ssel, density = outs
     r = min(config.block_size, q.shape[2])
     group = q.shape[1] // k.shape[1]
     ref_estimate = torch.softmax(
@@ -159,6 +159,10 @@ def test_head_pattern(tau):
     first[..., 0] = True
     assert torch.equal(vsel, R.cumulative_select(true_blocks, first, config.gamma))
     assert torch.equal(ssel, R.cumulative_select(slash, torch.zeros_like(ssel), config.gamma))
+    # the density forecast: vertical fraction (+ slash fraction for vertical-slash heads)
+    vertical = vsel.sum(-1, dtype=torch.float32) / vsel.shape[-1]
+    both = (vertical + ssel.sum(-1, dtype=torch.float32) / ssel.shape[-1]).clamp(max=1.0)
+    assert torch.equal(density, torch.where((flags & 1) != 0, vertical, both))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/inf inputs, on purpose
@@ -170,6 +174,7 @@ def test_dense_fallback_flags():
     *_, outs = _stages(q, k, config)
     sparse = (outs[3] & 2) != 0
     assert sparse.tolist() == [[True, False, False, False]]
+    assert outs[6][0, 1:].tolist() == [1.0, 1.0, 1.0]  # dense heads forecast density 1
     dense = _stages(q, k, config.replace(gamma=1.0))[-1][3]
     assert bool(((dense & 2) == 0).all())
 
@@ -187,7 +192,7 @@ def test_dense_fallback_flags():
 def test_select_blocks(config):
     q, k = _qk(1, 2, 2, 90, 130, 32, spread=4.0, seed=2)
     layout, _, _, _, true_blocks, logits, outs = _stages(q, k, config)
-    _, slash, _, flags, vsel, ssel = outs
+    _, slash, _, flags, vsel, ssel, _ = outs
     max_blocks = -1 if config.max_blocks is None else config.max_blocks
     active = select_blocks(
         logits, flags, true_blocks, slash, vsel, ssel, layout.q_len, layout.kv_len, config.block_size,
