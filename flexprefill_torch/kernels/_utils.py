@@ -158,7 +158,7 @@ def check_device(x: torch.Tensor, kernel: Any) -> None:
         return
     raise RuntimeError(
         "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-        f"flexprefill_torch.kernels is imported), got a tensor on {x.device}"
+        f"the flexprefill_torch Triton kernels are imported), got a tensor on {x.device}"
     )
 
 

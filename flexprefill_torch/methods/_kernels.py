@@ -19,23 +19,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.jit import JITFunction
 
+from ..kernels._utils import check_device, next_pow2
 from ..layout import BlockLayout
-
-
-def _check_device(x: Tensor, kernel: object) -> None:
-    if x.is_cuda or (x.device.type == "cpu" and not isinstance(kernel, JITFunction)):
-        return
-    raise RuntimeError(
-        "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-        f"flexprefill_torch.methods._kernels is imported), got a tensor on {x.device}"
-    )
-
-
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(max(int(n), 1)))
-
 
 # --------------------------------------------------------------------------- FlashPrefill
 
@@ -121,7 +107,7 @@ def flashprefill_scores(
         ``m [B, Hq, nq, nk]`` (``-inf`` where no query of the row sees the whole key block)
         and ``sc [B, Hq, nq, nk]`` (``Σ exp(logit - m)`` over those queries, 0 there), float32.
     """
-    _check_device(q, _flashprefill_score_kernel)
+    check_device(q, _flashprefill_score_kernel)
     batch, q_heads, q_len, dim = q.shape
     nq, nk, b = layout.num_q_blocks, layout.num_kv_blocks, layout.block_size
     m = torch.full((batch, q_heads, nq, nk), -math.inf, device=q.device, dtype=torch.float32)
@@ -145,7 +131,7 @@ def flashprefill_scores(
         *k_pool.stride(),
         BLOCK=b,
         TILE_N=64 if b <= 128 else 32,
-        BLOCK_D=_pow2(dim),
+        BLOCK_D=next_pow2(dim),
         num_warps=4 if b <= 64 else 8,
     )
     return m, sc
@@ -321,7 +307,7 @@ def xattention_scores(q: Tensor, k: Tensor, layout: BlockLayout, stride: int, sc
         ``A [B, Hq, nq, nk]`` float32: for query block ``i`` and key block ``j``, the sum over
         the query groups of block ``i`` of their stride-level softmax mass in key block ``j``.
     """
-    _check_device(q, _xattention_score_kernel)
+    check_device(q, _xattention_score_kernel)
     batch, q_heads, q_len, dim = q.shape
     nq, nk, b = layout.num_q_blocks, layout.num_kv_blocks, layout.block_size
     groups = b // stride
@@ -344,9 +330,9 @@ def xattention_scores(q: Tensor, k: Tensor, layout: BlockLayout, stride: int, sc
         BLOCK=b,
         STRIDE=stride,
         GROUPS=groups,
-        ROWS=_pow2(groups),
+        ROWS=next_pow2(groups),
         TILE_N=max(64, groups),
-        BLOCK_D=_pow2(dim),
+        BLOCK_D=next_pow2(dim),
         num_warps=4,
     )
     return out
