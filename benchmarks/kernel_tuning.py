@@ -34,9 +34,12 @@ CANDIDATES = {
         representative.TUNING,
         {"tile_elems": [8192, 16384], "programs": [1024, 2048, 4096], "num_warps": [4, 8], "num_stages": [2, 3]},
     ),
-    "pool": (pool.TUNING, {"load_elems": [4096, 8192, 16384], "num_warps": [4, 8]}),
+    "pool": (
+        pool.TUNING,
+        {"load_elems": [8192, 16384, 32768], "num_warps": [4, 8], "dot_sum": [0, 1], "blocks_per_prog": [1, 2]},
+    ),
     "select": (select.TUNING, {"row_cells": [1024, 2048], "num_warps": [1, 2, 4]}),
-    "threshold": (select.TUNING, {"pass_cells": [4096, 8192, 16384, 32768], "pass_warps": [2, 4, 8]}),
+    "threshold": (select.TUNING, {"pass_cells": [4096, 8192, 16384], "pass_warps": [8, 16, 32]}),
 }
 
 
@@ -60,7 +63,7 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
             config.min_blocks, -1, False, config.tau > 0,
         ),
     }
-    fns["select"] = fns["threshold"]  # the passes are part of the selection: both tune it
+    fns["select"] = fns["threshold"]  # the threshold kernel is part of the selection: both tune it
     return fns
 
 

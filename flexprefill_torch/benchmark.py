@@ -29,10 +29,11 @@ HEADER = (
     f" {'total':>9s} {'density':>7s} {'rel_err':>8s} {'speedup':>7s} {'auto':>9s} {'auto_path':>13s}"
     f" {'auto/sdpa':>9s} {'queued':>7s}"
 )
-PAIRED_BELOW = 32768
-"""Below this length ``flex_prefill_attention`` is timed in alternation with SDPA, once from an
-idle device and once as :data:`QUEUED_CALLS` back-to-back calls (host work hidden behind the
-device work of the previous call, as in a model's loop over layers)."""
+QUEUED_BELOW = 65536
+"""``flex_prefill_attention`` is timed in alternation with SDPA (so clock and thermal drift
+affect both alike) from an idle device and, below this length, also as :data:`QUEUED_CALLS`
+back-to-back calls (host work hidden behind the device work of the previous call, as in a
+model's loop over layers); from it on the two columns are the same measurement."""
 QUEUED_CALLS = 8
 
 
@@ -109,14 +110,14 @@ def bench_one(
         def auto(c: FlexPrefillConfig = auto_config) -> torch.Tensor:
             return flex_prefill_attention(q, k, v, config=c, backend=settings.backend)
 
-        if length < PAIRED_BELOW:  # short: host overhead and drift are of the size of the differences
-            pair = [lambda: dense_causal_attention(q, k, v), auto]
-            repeats = 3 * settings.repeats
-            sdpa_idle_ms, auto_ms = paired_median_ms(pair, device, repeats)
+        # the differences are of the size of host overhead and drift: pairs, more of them when short
+        pair = [lambda: dense_causal_attention(q, k, v), auto]
+        repeats = 3 * settings.repeats if length < QUEUED_BELOW else 2 * settings.repeats
+        sdpa_idle_ms, auto_ms = paired_median_ms(pair, device, repeats)
+        if length < QUEUED_BELOW:
             sdpa_queued_ms, auto_queued_ms = paired_median_ms(pair, device, repeats, calls=QUEUED_CALLS)
         else:
-            auto_ms = auto_queued_ms = median_ms(auto, device, settings.repeats)
-            sdpa_idle_ms = sdpa_queued_ms = sdpa_ms
+            sdpa_queued_ms, auto_queued_ms = sdpa_idle_ms, auto_ms
         rows.append(
             {
                 "workload": workload,

@@ -73,6 +73,36 @@ def test_agreement_with_reference(cuda, length, dtype):
         assert vs_min >= config.gamma - 1e-3
 
 
+@pytest.mark.parametrize("max_budget", [None, 8192], ids=["no_cap", "cap"])
+def test_threshold_kernel_program_counts_agree(cuda, monkeypatch, max_budget):
+    """The global threshold gives the same map with 1, 7 or one program per SM (per-head barrier)."""
+    from flexprefill_torch.kernels import select, triton_selection
+
+    config = FlexPrefillConfig(max_budget=max_budget)
+    q, k = _inputs(32768, torch.bfloat16, seed=3)
+    maps = []
+    for programs in (1, 7, 0):
+        monkeypatch.setitem(select.TUNING, "pass_programs", programs)
+        maps.append(triton_selection(q, k, config).active)
+    assert bool(triton_selection(q, k, config).query_aware.any())  # the global threshold ran
+    assert torch.equal(maps[0], maps[1]) and torch.equal(maps[0], maps[2])
+
+
+def test_pool_tensor_core_sums(cuda):
+    """16-bit pooling (column sums on the tensor cores) matches the reference; inf is flagged."""
+    from flexprefill_torch.kernels.pool import pool_blocks
+    from flexprefill_torch.reference import pool_blocks as reference_pool
+
+    x = torch.randn(1, 4, 1000, 128, device="cuda").to(torch.bfloat16)
+    pooled, bad = pool_blocks(x, 128, 0.25)
+    torch.testing.assert_close(pooled, 0.25 * reference_pool(x.float(), 128), atol=1e-5, rtol=1e-4)
+    assert int(bad.sum()) == 0
+    x[0, 1, 300, 5] = float("inf")
+    pooled, bad = pool_blocks(x, 128, 1.0)
+    assert int(bad[0, 1, 2]) == 1 and int(bad.sum()) == 1
+    assert pooled[0, 1, 2, 5] == float("inf")
+
+
 def test_direct_launch_matches_triton_dispatch(cuda):
     """The launcher's direct path (second launch of a specialisation) gives Triton's results,
     and a new specialisation (a misaligned view) goes through Triton's dispatch again."""

@@ -26,7 +26,8 @@ other heads of its group.
 
 Precision: float32 inputs use an IEEE float32 ``tl.dot`` of ``scale * q`` (the reference's
 order of operations); float16/bfloat16 inputs use the tensor-core dot (exact products,
-float32 accumulation) scaled afterwards. Under the interpreter the operands are upcast
+float32 accumulation) scaled afterwards. The logits are kept in base 2 (times ``log2 e``),
+so the exponentials are ``exp2`` without a multiply per element. Under the interpreter the operands are upcast
 (the CPU interpreter mishandles low-precision ``tl.dot``).
 """
 
@@ -38,6 +39,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import as_f32, check_device, device_op, interpreting, launch, next_pow2
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -68,6 +71,7 @@ def _tile_kernel(
     bh = tl.program_id(0)
     split = tl.program_id(1)
     scale = as_f32(scale)
+    qk_scale = scale * LOG2E  # logits in base 2: exp2 needs no extra multiply
     q = _load_queries(q_ptr, bh, q_heads, q_len, dim, r, stride_qb, stride_qh, stride_ql, stride_qd,
                       scale, BLOCK_R, BLOCK_D, FP32_DOT)
     batch = bh // q_heads
@@ -102,17 +106,17 @@ def _tile_kernel(
                 else:
                     k_sum += tl.sum(tl.dot(first_row, kt), axis=0)
             if FP32_DOT:
-                logits = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+                logits = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee") * LOG2E
             else:
-                logits = tl.dot(q, tl.trans(kt)) * scale
+                logits = tl.dot(q, tl.trans(kt)) * qk_scale
             # the causal mask (and the padding rows) only matter in the last tiles
             if (j * BLOCK + c_first + BLOCK_N > kv_len - r + 1) | (r < BLOCK_R):
                 ok = row_ok[:, None] & (keys[None, :] <= position[:, None])
                 logits = tl.where(ok, logits, float("-inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_ref)
-            p = tl.exp(logits - m_ref[:, None])
+            alpha = tl.exp2(m - m_ref)
+            p = tl.exp2(logits - m_ref[:, None])
             # offset group of (row i, key j*b + c) is C - j + d: d = 0 iff c - i >= rem,
             # d = 2 iff c - i <= rem - b - 1 (possible only if rem >= b + 2 - r), else d = 1
             low = tl.sum(tl.where(c[None, :] >= rows[:, None] + rem, p, 0.0), axis=1)
@@ -135,7 +139,7 @@ def _tile_kernel(
         # running log-sum-exp of the split
         top = tl.maximum(m_split, m)
         top_ref = tl.where(top == float("-inf"), 0.0, top)
-        l_split = l_split * tl.exp(m_split - top_ref) + (l0 + l1 + l2) * tl.exp(m - top_ref)
+        l_split = l_split * tl.exp2(m_split - top_ref) + (l0 + l1 + l2) * tl.exp2(m - top_ref)
         m_split = top
         if pool_here:
             count = tl.maximum(tl.minimum(kv_len - j * BLOCK, BLOCK), 1).to(tl.float32)
@@ -143,7 +147,7 @@ def _tile_kernel(
             tl.store(k_pool_ptr + (bkv * n_kv_blocks + j) * dim + cols, mean, mask=col_ok & in_range)
             bad = tl.sum((col_ok & ~(tl.abs(mean) < float("inf"))).to(tl.int32), axis=0)
             tl.store(k_bad_ptr + bkv * n_kv_blocks + j, bad, mask=in_range)
-    lse = tl.where(l_split > 0.0, m_split + tl.log(tl.where(l_split > 0.0, l_split, 1.0)), float("-inf"))
+    lse = tl.where(l_split > 0.0, m_split + tl.log2(tl.where(l_split > 0.0, l_split, 1.0)), float("-inf"))
     tl.store(lse_ptr + (bh.to(tl.int64) * n_splits + split) * BLOCK_R + rows, lse)
 
 
@@ -163,14 +167,14 @@ def _mass_kernel(
                    mask=(splits < n_splits)[:, None], other=float("-inf"))
     top = tl.max(part, axis=0)
     top_ref = tl.where(top == float("-inf"), 0.0, top)
-    total_exp = tl.sum(tl.exp(part - top_ref[None, :]), axis=0)
-    lse = top_ref + tl.log(tl.where(row_ok, total_exp, 1.0))
+    total_exp = tl.sum(tl.exp2(part - top_ref[None, :]), axis=0)
+    lse = top_ref + tl.log2(tl.where(row_ok, total_exp, 1.0))
 
     j = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     ok = (j < n_kv_blocks)[:, None] & row_ok[None, :]
     base = stats_ptr + ((bh.to(tl.int64) * n_kv_blocks + j) * 4)[:, None] * BLOCK_R + rows[None, :]
     m = tl.load(base, mask=ok, other=float("-inf"))
-    weight = tl.where(ok & (m > float("-inf")), tl.exp(m - lse[None, :]), 0.0)
+    weight = tl.where(ok & (m > float("-inf")), tl.exp2(m - lse[None, :]), 0.0)
     l0 = tl.load(base + BLOCK_R, mask=ok, other=0.0) * weight
     l1 = tl.load(base + 2 * BLOCK_R, mask=ok, other=0.0) * weight
     l2 = tl.load(base + 3 * BLOCK_R, mask=ok, other=0.0) * weight
@@ -193,7 +197,7 @@ def slash_origin(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
     return rem, origin
 
 
-TUNING: dict[str, int] = {"tile_elems": 16384, "programs": 4096, "num_warps": 4, "num_stages": 2}
+TUNING: dict[str, int] = {"tile_elems": 16384, "programs": 1024, "num_warps": 4, "num_stages": 2}
 """Launch parameters of :func:`_tile_kernel`: key-tile size ``BLOCK_R × BLOCK_N`` (elements),
 target program count (split-K), warps and pipeline stages. Chosen on an H200 with
 ``benchmarks/kernel_tuning.py``, which overrides them to measure candidates."""

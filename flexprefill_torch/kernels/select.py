@@ -7,7 +7,7 @@ Algorithm 4, or per row), ``reference.extend_lines``, ``reference.cap_blocks`` a
 dense fallback of non-sparse heads. Ties at a γ-crossing value are all kept (the
 reference keeps the first of them in index order); every other choice is the same.
 
-Kernels (the active map is written once per row, by the rows kernel or by the decide
+Kernels (the active map is written once per row, by the rows kernel or by the threshold
 kernel):
 
 * :func:`_rows_kernel`, one program per (query head, group of query-block rows), the
@@ -15,20 +15,26 @@ kernel):
   index), then the final row for vertical-slash heads, per-row query-aware heads and
   dense heads. For global query-aware heads it writes ``x = Ā/nq`` of the free visible
   blocks (``-2`` forced, ``-1`` invisible) and the forced mass of the row.
-* :func:`_threshold_pass_kernel`, launched 8 times: a radix select, weighted by mass,
-  of the global γ-crossing of Algorithm 4 over the ``nq·nk`` entries of a head, on the
-  float32 bit pattern (non-negative floats order like their bits), 4 bits per pass
-  (16 buckets; the last pass 3 bits). Each program reads the visible part of some rows
-  of ``x`` and writes a 16-bucket float64 mass histogram of the entries whose higher bits
-  equal the prefix found so far; the head's last program to finish (an atomic ticket)
-  sums the histograms in a fixed order (deterministic), extends the prefix by the largest
-  bucket whose mass-above still reaches γ, and stores it for the next pass. No sort of
-  ``nq·nk`` entries; the only atomics are the per-head tickets.
-* :func:`_decide_kernel`: the final threshold, the active rows of global query-aware heads
-  (forced, or ``x`` at or above the threshold), and the cap.
+* :func:`_threshold_kernel`, one launch: the global γ-crossing of Algorithm 4 over the
+  ``nq·nk`` entries of each global query-aware head, then that head's final rows. A radix
+  select, weighted by mass, on the float32 bit pattern (non-negative floats order like
+  their bits), 4 bits per round (16 buckets; the last round 3 bits), 8 rounds. The grid
+  has one program per SM; the kernel counts the heads that need the threshold on the
+  device and gives each ``P = programs // heads`` of them (rows ``p, p + P, ...``; one
+  program takes several heads in turn when they outnumber the programs). In each round
+  every program writes a 16-bucket float64 mass histogram of its entries whose higher bits
+  equal the prefix found so far, waits at a per-head barrier (an atomic counter) for the
+  others, and sums the head's ``P`` histograms in a fixed order (so all extend the prefix
+  alike) by the largest bucket whose mass-above still reaches γ. No sort of ``nq·nk``
+  entries. The barrier needs the head's programs on the GPU at the same time, hence at
+  most one program per SM (under the interpreter, which runs programs one by one, a
+  single program). After the last round each program writes its rows: forced, or ``x``
+  at or above the threshold, and the cap.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -49,8 +55,8 @@ from ._utils import (
     top_few,
 )
 
-PASS_WIDTHS = (4, 4, 4, 4, 4, 4, 4, 3)
-"""Bits of the 31-bit key resolved by each threshold pass, most significant first."""
+ROUNDS = 8
+"""Rounds of the radix select: bits 30..3 four at a time, then bits 2..0."""
 
 FEW_BLOCKS = 16
 """Min budgets of at most this many blocks use max-extraction (``_utils.top_few``), larger
@@ -77,7 +83,7 @@ def _strongest(key, visible, min_blocks, FEW: tl.constexpr):
 
 @triton.jit
 def _rows_kernel(
-    logits_ptr, flags_ptr, true_ptr, slash_ptr, vsel_ptr, ssel_ptr, active_ptr, x_ptr, base_ptr,
+    logits_ptr, flags_ptr, true_ptr, slash_ptr, vsel_ptr, ssel_ptr, active_ptr, x_ptr, base_ptr, count_ptr,
     q_len, kv_len, n_q_blocks, n_kv_blocks, min_blocks, max_blocks, gamma_hi, gamma_lo,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, ROWS: tl.constexpr, PER_ROW: tl.constexpr,
     CAP: tl.constexpr, FEW: tl.constexpr,
@@ -124,6 +130,8 @@ def _rows_kernel(
             tl.store(x_ptr + cells, tl.where(forced, -2.0, tl.where(visible, x, -1.0)), mask=in_map)
             base = tl.sum(tl.where(forced, x, 0.0).to(tl.float64), axis=1)
             tl.store(base_ptr + rows, base, mask=i < n_q_blocks)
+            if tl.program_id(0) == 0:  # the barrier counter of _threshold_kernel
+                tl.store(count_ptr + bh, 0)
     else:  # vertical-slash: v[j] + max s[g] over the offset groups crossing the block
         lowest = tl.maximum(q_first - k_last, 0) // BLOCK
         highest = tl.maximum(q_last - k_first, 0) // BLOCK
@@ -151,8 +159,8 @@ def _advance(prefix, above, base, hist_ptr, n_progs, gamma, width, BLOCK_P: tl.c
     """Extend the key prefix by ``width`` bits: the largest bucket whose mass-above reaches γ.
 
     ``above`` is the mass of the entries whose key prefix is larger than ``prefix``;
-    ``hist_ptr`` points at this head's ``[n_progs, 16]`` histograms, summed in a fixed
-    order (read past L1: they were written by other programs).
+    ``hist_ptr`` points at this round's ``[n_progs, 16]`` histograms of the head, summed in
+    a fixed order (read past L1: other programs wrote them).
     """
     progs = tl.arange(0, BLOCK_P)
     buckets = tl.arange(0, 16)
@@ -167,84 +175,129 @@ def _advance(prefix, above, base, hist_ptr, n_progs, gamma, width, BLOCK_P: tl.c
 
 
 @triton.jit
-def _threshold_pass_kernel(
-    x_ptr, flags_ptr, base_ptr, state_ptr, hist_ptr, ticket_ptr,
-    q_len, kv_len, n_q_blocks, n_kv_blocks, n_progs, gamma_hi, gamma_lo, pass_index, shift, width,
-    BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_P: tl.constexpr,
-    ROWS: tl.constexpr, ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr,
-):
-    p = tl.program_id(0)
-    bh = tl.program_id(1)
-    flags = tl.load(flags_ptr + bh)
-    if (flags & 3) == 3:  # sparse and query-aware
-        state = state_ptr + bh.to(tl.int64) * 4  # prefix, above, base (float64)
-        prefix = tl.load(state, mask=pass_index > 0, other=0.0).to(tl.int32)  # 0 before pass 0
-        offset = kv_len - q_len
-        buckets = tl.arange(0, 16)
-        acc = tl.zeros([16], dtype=tl.float64)
-        for step in range(ROWS // ROW_CHUNK):  # rows p, p + n_progs, ... (balanced)
-            i = p + (step * ROW_CHUNK + tl.arange(0, ROW_CHUNK)) * n_progs
-            seen = tl.minimum((offset + tl.minimum((i + 1) * BLOCK, q_len) - 1) // BLOCK + 1, n_kv_blocks)
-            seen = tl.where(i < n_q_blocks, seen, 0)
-            rows = bh.to(tl.int64) * n_q_blocks + i
-            for chunk in range(BLOCK_NK // COL_CHUNK):  # visible blocks only
-                j = chunk * COL_CHUNK + tl.arange(0, COL_CHUNK)
-                ok = j[None, :] < seen[:, None]
-                x = tl.load(x_ptr + rows[:, None] * n_kv_blocks + j[None, :], mask=ok, other=-1.0)
-                key = x.to(tl.int32, bitcast=True)
-                inside = (key >= 0) & ((key >> (shift + width)) == prefix)
-                if tl.sum(inside.to(tl.int32)) > 0:
-                    bucket = (key >> shift) & ((1 << width) - 1)
-                    hit = inside[:, :, None] & (bucket[:, :, None] == buckets[None, None, :])
-                    mass = tl.sum(tl.reshape(tl.where(hit, x[:, :, None], 0.0), [ROW_CHUNK * COL_CHUNK, 16]),
-                                  axis=0)
-                    acc += mass.to(tl.float64)
-        head_hist = hist_ptr + bh.to(tl.int64) * n_progs * 16
-        tl.store(head_hist + p * 16 + buckets, acc)
-        # the head's last program to finish extends the prefix for the next pass
-        if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == n_progs - 1:
-            gamma = gamma_f64(gamma_hi, gamma_lo)
-            if pass_index == 0:
-                qb = tl.arange(0, BLOCK_NQ)
-                base = tl.sum(tl.load(base_ptr + bh.to(tl.int64) * n_q_blocks + qb,
-                                      mask=qb < n_q_blocks, other=0.0), axis=0)
-                above = tl.zeros([], dtype=tl.float64)
-            else:
-                base = tl.load(state + 2)
-                above = tl.load(state + 1)
-            prefix, above = _advance(prefix, above, base, head_hist, n_progs, gamma, width, BLOCK_P)
-            tl.store(state, prefix.to(tl.float64))
-            tl.store(state + 1, above)
-            tl.store(state + 2, base)
-            tl.atomic_xchg(ticket_ptr + bh, 0)
+def _bucket_mass(x_ptr, rows, seen, n_kv_blocks, prefix, shift, width,
+                 BLOCK_NK: tl.constexpr, COL_CHUNK: tl.constexpr):
+    """Mass of the visible entries of ``rows`` per 16 buckets of key bits ``shift + width - 1 .. shift``.
+
+    Only entries whose higher key bits equal ``prefix`` count (forced ``-2`` and invisible
+    ``-1`` entries have negative keys and never do).
+    """
+    buckets = tl.arange(0, 16)
+    acc = tl.zeros([16], dtype=tl.float64)
+    for chunk in range(BLOCK_NK // COL_CHUNK):  # visible blocks only
+        j = chunk * COL_CHUNK + tl.arange(0, COL_CHUNK)
+        x = tl.load(x_ptr + rows[:, None] * n_kv_blocks + j[None, :], mask=j[None, :] < seen[:, None],
+                    other=-1.0)
+        key = x.to(tl.int32, bitcast=True)
+        inside = (key >= 0) & ((key >> (shift + width)) == prefix)
+        if tl.sum(inside.to(tl.int32)) > 0:
+            bucket = tl.where(inside, (key >> shift) & ((1 << width) - 1), -1)
+            mass = x.to(tl.float64)
+            for b in tl.static_range(16):  # one reduction per bucket: no [cells, 16] temporary
+                acc += tl.where(buckets == b, tl.sum(tl.where(bucket == b, mass, 0.0)), 0.0)
+    return acc
 
 
 @triton.jit
-def _decide_kernel(
-    x_ptr, flags_ptr, state_ptr, active_ptr, n_q_blocks, n_kv_blocks, max_blocks,
-    BLOCK_NK: tl.constexpr, ROWS: tl.constexpr, CAP: tl.constexpr,
+def _head_threshold(
+    x_ptr, base_ptr, hist_ptr, count_ptr, active_ptr, bh, p, n_progs, n_slots,
+    q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
+    BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_P: tl.constexpr,
+    ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr, CAP: tl.constexpr,
+    ROUNDS: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    flags = tl.load(flags_ptr + bh)
-    if (flags & 3) == 3:
-        kappa = tl.load(state_ptr + bh.to(tl.int64) * 4).to(tl.int32)
-        i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        j = tl.arange(0, BLOCK_NK)
+    """Part ``p`` of ``n_progs`` of head ``bh``'s threshold and final rows (rows ``p, p + n_progs, ...``).
+
+    ``hist_ptr`` points at this program's ``[16]`` histogram of round 0; round ``r`` of the
+    head's ``n_progs`` programs is the ``[n_progs, 16]`` tile ``r * n_slots * 16`` further on,
+    starting ``p * 16`` before.
+    """
+    offset = kv_len - q_len
+    qb = tl.arange(0, BLOCK_NQ)
+    base = tl.sum(tl.load(base_ptr + bh.to(tl.int64) * n_q_blocks + qb, mask=qb < n_q_blocks, other=0.0), axis=0)
+    round_stride = n_slots * 16
+    rows_here = tl.cdiv(n_q_blocks, n_progs)  # at most, rows p, p + n_progs, ... (balanced)
+    prefix = bh * 0
+    above = tl.zeros([], dtype=tl.float64)
+    for index in range(ROUNDS):
+        width = 4 - index // (ROUNDS - 1)  # 4 bits, the last round 3
+        shift = 27 - 4 * index + index // (ROUNDS - 1)
+        acc = tl.zeros([16], dtype=tl.float64)
+        first = 0
+        while first < rows_here:  # (while loops: the interpreter takes no tensor range bounds)
+            i = p + (first + tl.arange(0, ROW_CHUNK)) * n_progs
+            seen = tl.minimum((offset + tl.minimum((i + 1) * BLOCK, q_len) - 1) // BLOCK + 1, n_kv_blocks)
+            seen = tl.where(i < n_q_blocks, seen, 0)
+            rows = bh.to(tl.int64) * n_q_blocks + i
+            acc += _bucket_mass(x_ptr, rows, seen, n_kv_blocks, prefix, shift, width, BLOCK_NK, COL_CHUNK)
+            first += ROW_CHUNK
+        mine = hist_ptr + index * round_stride
+        tl.store(mine + tl.arange(0, 16), acc)
+        # barrier of the head's programs: every histogram of this round is written
+        tl.debug_barrier()
+        tl.atomic_add(count_ptr + bh, 1, sem="release")
+        arrived = tl.atomic_add(count_ptr + bh, 0, sem="acquire")
+        while arrived < (index + 1) * n_progs:
+            arrived = tl.atomic_add(count_ptr + bh, 0, sem="acquire")
+        tl.debug_barrier()
+        prefix, above = _advance(prefix, above, base, mine - p * 16, n_progs, gamma, width, BLOCK_P)
+    # this program's rows: forced, or at or above the threshold; then the cap
+    j = tl.arange(0, BLOCK_NK)
+    first = 0
+    while first < rows_here:
+        i = p + (first + tl.arange(0, DECIDE_ROWS)) * n_progs
         in_map = (i < n_q_blocks)[:, None] & (j < n_kv_blocks)[None, :]
         cells = (bh.to(tl.int64) * n_q_blocks + i)[:, None] * n_kv_blocks + j[None, :]
         x = tl.load(x_ptr + cells, mask=in_map, other=-1.0)
         key = x.to(tl.int32, bitcast=True)
         forced = x == -2.0
-        active = forced | (key >= kappa)
+        active = forced | (key >= prefix)
         if CAP:
             active = _cap(active, forced, key, max_blocks)
         tl.store(active_ptr + cells, active, mask=in_map)
+        first += DECIDE_ROWS
 
 
-TUNING: dict[str, int] = {"row_cells": 1024, "num_warps": 4, "pass_cells": 4096, "pass_warps": 8}
-"""Launch parameters: map cells per program (whole rows) and warps of :func:`_rows_kernel`
-and :func:`_decide_kernel`, and of :func:`_threshold_pass_kernel`. Chosen on an H200 with
-``benchmarks/kernel_tuning.py``, which overrides them."""
+@triton.jit
+def _threshold_kernel(
+    x_ptr, flags_ptr, base_ptr, hist_ptr, count_ptr, active_ptr,
+    n_heads, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma_hi, gamma_lo,
+    BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr, ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr,
+    CAP: tl.constexpr, ROUNDS: tl.constexpr,
+):
+    # the heads that need the global threshold (sparse and query-aware), found on the device:
+    # P = programs // heads of them each get P programs (one program per head if they outnumber
+    # the programs, which then take several heads one after another)
+    g = tl.program_id(0)  # of n_slots
+    h = tl.arange(0, BLOCK_H)
+    chosen = (tl.load(flags_ptr + h, mask=h < n_heads, other=0) & 3) == 3
+    n_chosen = tl.sum(chosen.to(tl.int32), axis=0)
+    rank = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    n_progs = tl.maximum(tl.minimum(n_slots // tl.maximum(n_chosen, 1), n_q_blocks), 1)
+    p = g % n_progs
+    gamma = gamma_f64(gamma_hi, gamma_lo)
+    slot = g // n_progs
+    while slot < n_chosen:
+        bh = tl.sum(tl.where(chosen & (rank == slot), h, 0), axis=0)
+        _head_threshold(
+            x_ptr, base_ptr, hist_ptr + g * 16, count_ptr, active_ptr, bh, p, n_progs, n_slots,
+            q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
+            BLOCK, BLOCK_NK, BLOCK_NQ, BLOCK_P, ROW_CHUNK, COL_CHUNK, DECIDE_ROWS, CAP, ROUNDS,
+        )
+        slot += n_slots // n_progs
+
+
+TUNING: dict[str, int] = {"row_cells": 1024, "num_warps": 4, "pass_cells": 8192, "pass_warps": 8, "pass_programs": 0}
+"""Launch parameters: map cells per program (whole rows) and warps of :func:`_rows_kernel`;
+map cells per step, warps and programs (``0``: one per SM, at most that) of
+:func:`_threshold_kernel`. Chosen on an H200 with ``benchmarks/kernel_tuning.py``, which
+overrides them."""
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @device_op("flexprefill::select_blocks")
@@ -275,7 +328,7 @@ def select_blocks(
             the min budget; max_blocks: cap per row, ``-1`` for none.
         per_row: per-row query-aware selection (else global, Algorithm 4).
         any_query_aware: ``False`` when no head can be query-aware (``τ = 0``): the global
-            threshold passes are skipped.
+            threshold is skipped.
 
     Returns:
         ``active [B, Hq, nq, nk]`` bool, False outside the causally visible blocks.
@@ -291,13 +344,14 @@ def select_blocks(
     global_qa = any_query_aware and not per_row
     x = torch.empty((batch, heads, n_q, n_kv) if global_qa else (1,), device=dev, dtype=torch.float32)
     base = torch.empty((bh, n_q) if global_qa else (1,), device=dev, dtype=torch.float64)
+    count = torch.empty(bh if global_qa else 1, device=dev, dtype=torch.int32)
     interp = interpreting(_rows_kernel)
-    # rows per program: whole heads under the interpreter, ~4k cells per program on a GPU
+    # rows per program: whole heads under the interpreter, ~1k cells per program on a GPU
     cells = TUNING["row_cells"]
     rows = next_pow2(n_q, 1) if interp else max(1, min(next_pow2(n_q, 1), cells // block_nk))
     warps = TUNING["num_warps"] if rows * block_nk >= cells else 4
     launch(_rows_kernel)[(-(-n_q // rows), bh)](
-        logits, flags, true_blocks, slash, vertical_selected, slash_selected, active, x, base,
+        logits, flags, true_blocks, slash, vertical_selected, slash_selected, active, x, base, count,
         q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
         BLOCK=block_size, BLOCK_NK=block_nk, ROWS=rows, PER_ROW=not global_qa, CAP=cap,
         FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, num_warps=warps,
@@ -305,26 +359,16 @@ def select_blocks(
     if not global_qa:
         return active
 
-    # threshold passes: ~8k cells per program, rows p, p + n_progs, ... of one head
-    pass_cells = TUNING["pass_cells"]
-    pass_rows = next_pow2(n_q, 1) if interp else min(next_pow2(n_q, 1), next_pow2(pass_cells // block_nk, 1))
-    n_progs = -(-n_q // pass_rows)
-    row_chunk = pass_rows if interp else max(1, min(pass_rows, 1024 // block_nk))
-    col_chunk = block_nk if interp else min(block_nk, 1024)
-    state = torch.empty(bh, 4, device=dev, dtype=torch.float64)
-    hist = torch.empty(bh, n_progs, 16, device=dev, dtype=torch.float64)
-    ticket = torch.zeros(bh, device=dev, dtype=torch.int32)
-    shift = 31
-    for index, width in enumerate(PASS_WIDTHS):
-        shift -= width
-        launch(_threshold_pass_kernel)[(n_progs, bh)](
-            x, flags, base, state, hist, ticket, q_len, kv_len, n_q, n_kv, n_progs, gamma_hi, gamma_lo,
-            index, shift, width,
-            BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_P=next_pow2(n_progs),
-            ROWS=pass_rows, ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, num_warps=TUNING["pass_warps"],
-        )
-    launch(_decide_kernel)[(-(-n_q // rows), bh)](
-        x, flags, state, active, n_q, n_kv, max_blocks,
-        BLOCK_NK=block_nk, ROWS=rows, CAP=cap, num_warps=warps,
+    # one program per SM (all resident at once: the per-head barrier needs it); one when interpreted
+    n_slots = 1 if interp else min(TUNING["pass_programs"] or _sm_count(dev.index), _sm_count(dev.index))
+    chunk = TUNING["pass_cells"]
+    row_chunk = next_pow2(n_q, 1) if interp else max(1, chunk // block_nk)
+    col_chunk = block_nk if interp else min(block_nk, chunk)
+    hist = torch.empty(ROUNDS, n_slots, 16, device=dev, dtype=torch.float64)
+    launch(_threshold_kernel)[(n_slots,)](
+        x, flags, base, hist, count, active, bh, n_slots, q_len, kv_len, n_q, n_kv, max_blocks, gamma_hi, gamma_lo,
+        BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_H=next_pow2(bh),
+        BLOCK_P=next_pow2(n_slots), ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, DECIDE_ROWS=row_chunk, CAP=cap,
+        ROUNDS=ROUNDS, num_warps=TUNING["pass_warps"],
     )
     return active
