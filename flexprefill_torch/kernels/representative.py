@@ -27,8 +27,8 @@ other heads of its group.
 Precision: float32 inputs use an IEEE float32 ``tl.dot`` of ``scale * q`` (the reference's
 order of operations); float16/bfloat16 inputs use the tensor-core dot (exact products,
 float32 accumulation) scaled afterwards. The logits are kept in base 2 (times ``log2 e``),
-so the exponentials are ``exp2`` without a multiply per element. Under the interpreter the operands are upcast
-(the CPU interpreter mishandles low-precision ``tl.dot``).
+so the exponentials are ``exp2`` without a multiply per element. Under the interpreter the
+operands are upcast (the CPU interpreter mishandles low-precision ``tl.dot``).
 """
 
 from __future__ import annotations
