@@ -39,7 +39,10 @@ CANDIDATES = {
         {"load_elems": [8192, 16384, 32768], "num_warps": [4, 8], "dot_sum": [0, 1], "blocks_per_prog": [1, 2]},
     ),
     "select": (select.TUNING, {"row_cells": [1024, 2048], "num_warps": [1, 2, 4]}),
-    "threshold": (select.TUNING, {"pass_cells": [4096, 8192, 16384], "pass_warps": [8, 16, 32]}),
+    "threshold": (
+        select.TUNING,
+        {"fold": [0, 1], "pass_cells": [4096, 8192], "pass_rows": [16, 32], "pass_warps": [8, 16]},
+    ),
 }
 
 
@@ -49,17 +52,17 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim)
-    q_pool, q_bad = pool.pool_blocks(q, b, scale)
     true_blocks, parts, k_pool, k_bad = representative.representative_attention(q, k, b, scale)
-    logits = torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT).view(batch, heads, q_pool.shape[2], -1)
     _, slash, _, flags, vsel, ssel, _ = head_pattern(
-        q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale, config.tau, config.gamma
+        q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale, config.tau, config.gamma
     )
+    q_pool, q_bad = pool.pool_blocks(q, b, scale, flags)
+    logits = torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT).view(batch, heads, q_pool.shape[2], -1)
     fns = {
         "representative": lambda: representative.representative_attention(q, k, b, scale),
         "pool": lambda: pool.pool_blocks(q, b, scale),
         "threshold": lambda: select.select_blocks(
-            logits, flags, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
+            logits, flags, q_bad, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
             config.min_blocks, -1, False, config.tau > 0,
         ),
     }

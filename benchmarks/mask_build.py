@@ -23,7 +23,10 @@ SDPA(is_causal=True) with the key/value heads expanded to 32 (same FLOPs as GQA)
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,29 +65,29 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim)
-    n_q = -(-q_len // b)
-    q_pool, q_bad = pool_blocks(q, b, scale)
     true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
+    est, slash, js, flags, vsel, ssel, _ = head_pattern(
+        q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale, config.tau, config.gamma
+    )
+    q_pool, q_bad = pool_blocks(q, b, scale, flags)
+    n_q = q_pool.shape[2]
 
     def logits_fn():
         return torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT)
 
     logits = logits_fn().view(batch, heads, n_q, -1)
-    est, slash, js, flags, vsel, ssel, _ = head_pattern(
-        q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale, config.tau, config.gamma
-    )
 
     def select_fn():
-        return select_blocks(logits, flags, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
-                             config.min_blocks, -1, False, config.tau > 0)
+        return select_blocks(logits, flags, q_bad, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
+                             config.min_blocks, -1, False, config.tau > 0)[0]
 
     active = select_fn()
     out = {
-        "pool q": cuda_graph_ms(lambda: pool_blocks(q, b, scale)),
         "representative+pool k": cuda_graph_ms(lambda: representative_attention(q, k, b, scale)),
-        "logits matmul": cuda_graph_ms(logits_fn),
-        "pattern": cuda_graph_ms(lambda: head_pattern(q, k_pool, true_blocks, parts, q_bad, k_bad, b, kv_len, scale,
+        "pattern": cuda_graph_ms(lambda: head_pattern(q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale,
                                                    config.tau, config.gamma)),
+        "pool q (query-aware)": cuda_graph_ms(lambda: pool_blocks(q, b, scale, flags)),
+        "logits matmul": cuda_graph_ms(logits_fn),
         "select": cuda_graph_ms(select_fn),
         "emit": cuda_graph_ms(lambda: emit_block_indices(active, q_len, kv_len, b)),
     }
@@ -125,7 +128,9 @@ def dense_time(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mask_build.json"))
     args = parser.parse_args()
+    saved = []
     torch.backends.cuda.matmul.allow_tf32 = False
     configs = {"default": FlexPrefillConfig(), "tau=0 (all VS)": FlexPrefillConfig(tau=0.0)}
     for length in args.lengths:
@@ -133,6 +138,7 @@ def main() -> None:
         dense = dense_time(q, k, v)
         print(f"\n=== L = {length}: dense SDPA causal {dense:.3f} ms (2% = {0.02 * dense:.3f} ms) ===")
         results = {name: stages(q, k, cfg) for name, cfg in configs.items()}
+        saved.append({"seq_len": length, "sdpa_ms": dense, "configs": results})
         print(f"{'stage':22s}" + "".join(f"{name:>20s}" for name in results))
         for key in next(iter(results.values())):
             row = f"{key:22s}"
@@ -146,6 +152,11 @@ def main() -> None:
         sel = triton_selection(q, k, FlexPrefillConfig())
         print(f"(default config: {int(sel.query_aware.sum())} query-aware heads of {q.shape[1]}, "
               f"{int((~sel.sparse).sum())} dense fallbacks)")
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": saved}, indent=1))
+    print(f"saved {args.out}")
 
 
 if __name__ == "__main__":

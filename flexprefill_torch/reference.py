@@ -22,8 +22,11 @@ Choices the spec leaves open (see ``docs/algorithm.md``):
 * **Min-budget blocks** are each row's strongest visible blocks by the head's block score:
   ``Ā`` for query-aware heads, ``v[j] + max s[g]`` over the slash groups crossing the block
   for vertical-slash heads. They do not depend on γ.
-* **Non-finite input.** A head whose pooled queries/keys or ``D_JS`` are not finite keeps
-  every visible block, so its output is exactly dense attention (NaN included).
+* **Non-finite input.** A head whose pooled keys or ``D_JS`` are not finite, or a
+  query-aware head whose pooled queries are not finite, keeps every visible block, so its
+  output is exactly dense attention (NaN included). A vertical-slash head's mask does not
+  depend on the pooled queries (a non-finite query only makes its own output row NaN, as
+  in dense attention), so those are not checked for it.
 """
 
 from __future__ import annotations
@@ -119,8 +122,9 @@ def flex_prefill_reference(
     active = torch.where(query_aware[..., None, None], qa_selected, vs_active) & visible
     if config.max_blocks is not None:
         active = cap_blocks(active, forced, scores, config.max_blocks)
-    # γ = 1 and heads with non-finite input keep every visible block (exactly dense).
-    sparse = torch.isfinite(js) & torch.isfinite(q_pool).all(-1).all(-1)
+    # γ = 1 and heads with non-finite input keep every visible block (exactly dense); the
+    # pooled queries only matter to the query-aware heads' masks.
+    sparse = torch.isfinite(js) & (torch.isfinite(q_pool).all(-1).all(-1) | ~query_aware)
     sparse = sparse & torch.isfinite(k_pool).all(-1).all(-1) & (config.gamma < 1.0)
     active = torch.where(sparse[..., None, None], active, visible)
 

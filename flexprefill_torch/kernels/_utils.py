@@ -5,7 +5,7 @@ selection rules of :mod:`flexprefill_torch.reference`:
 
 * :func:`mass_threshold` finds the γ-crossing of ``reference.cumulative_select`` as a
   threshold on the float bits of the scores (non-negative floats order like their int32
-  bit patterns), by 31 steps of bisection with float64 sums; no sort.
+  bit patterns): an in-register sort of each row and a float64 running sum.
 * :func:`top_count` keeps the ``m`` largest candidates, ties broken by index (the order of
   a stable descending sort), as ``reference.strongest_blocks`` and ``reference.cap_blocks``.
 
@@ -206,22 +206,22 @@ def mass_threshold(x, cand, base, gamma):
     """Per row, the largest key ``k >= 0`` with ``base + sum(x[cand & key(x) >= k]) >= gamma``.
 
     Args:
-        x: ``[R, N]`` float32 scores, ``>= 0`` where ``cand``; cand: ``[R, N]`` bool.
+        x: ``[R, N]`` float32 scores, ``>= 0`` where ``cand``; cand: ``[R, N]`` bool
+            (``N`` a power of two).
         base: ``[R]`` float64, the mass already taken (forced entries); gamma: float64 scalar.
 
-    Returns ``[R]`` int32 (0 where even all candidates stay below γ). The entries
-    ``cand & key(x) >= k`` are exactly those ``reference.cumulative_select`` takes (all of
-    them when the candidates never reach γ, none when ``base >= gamma``), up to ties at
-    the crossing value, which are all kept here.
+    Returns ``[R]`` int32 (0 where even all candidates stay below γ; ``0x7FFFFFFF``, above
+    every key, where ``base`` alone reaches γ). The entries ``cand & key(x) >= k`` are
+    exactly those ``reference.cumulative_select`` takes, up to ties at the crossing value,
+    which are all kept here. As the reference: a descending sort of the candidates' keys
+    and a float64 running sum; the crossing is the first sorted entry whose running sum
+    reaches γ (sorted keys decrease, so it is the largest key that reaches).
     """
-    key = float_key(x)
-    mass = tl.where(cand, x, 0.0).to(tl.float64)
-    kappa = (base * 0.0).to(tl.int32)
-    for it in range(31):  # bits 30..0
-        trial = kappa | (0x40000000 >> it)
-        total = base + tl.sum(tl.where(cand & (key >= trial[:, None]), mass, 0.0), axis=1)
-        kappa = tl.where(total >= gamma, trial, kappa)
-    return kappa
+    keys = tl.sort(tl.where(cand, float_key(x), -1), dim=1, descending=True)
+    mass = tl.where(keys >= 0, keys.to(tl.float32, bitcast=True), 0.0).to(tl.float64)
+    reach = (base[:, None] + tl.cumsum(mass, axis=1)) >= gamma
+    kappa = tl.maximum(tl.max(tl.where(reach, keys, -1), axis=1), 0)
+    return tl.where(base >= gamma, 0x7FFFFFFF, kappa)
 
 
 @triton.jit

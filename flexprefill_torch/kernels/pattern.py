@@ -3,13 +3,14 @@
 Must match, in ``reference.flex_prefill_reference``: the estimate ``ā`` (softmax of
 ``scale · mean(Q̂) · K̄ᵀ``), ``reference.pool_slash`` (from the per-block parts of
 :mod:`.representative`), ``reference.js_distance`` (in float64, as there), the pattern ``D_JS < τ``, the dense
-fallback flag (non-finite ``D_JS``, pooled queries or keys, or ``γ = 1``) and the two
+fallback flag (non-finite ``D_JS`` or pooled keys, or ``γ = 1``; the pooled queries
+are checked later, by :mod:`.select`, for query-aware heads only) and the two
 ``reference.cumulative_select`` calls of step 5 (columns with the sink column forced;
 offset groups).
 
 Everything is ``O(nk)`` per head, so a whole head lives in one program's registers
-(``next_pow2(nk)`` lanes; the ``γ``-selections are the bisection of
-:func:`._utils.mass_threshold`, no sort). Fusing these steps saves about ten small
+(``next_pow2(nk)`` lanes; the ``γ``-selections are :func:`._utils.mass_threshold`, an
+in-register sort and running sum). Fusing these steps saves about ten small
 torch launches; the memory traffic is negligible either way.
 """
 
@@ -42,12 +43,12 @@ SPARSE = 2
 
 @triton.jit
 def _pattern_kernel(
-    q_ptr, k_pool_ptr, true_ptr, parts_ptr, q_bad_ptr, k_bad_ptr,
+    q_ptr, k_pool_ptr, true_ptr, parts_ptr, k_bad_ptr,
     est_ptr, slash_ptr, js_ptr, flags_ptr, vsel_ptr, ssel_ptr, density_ptr,
-    q_heads, group, q_len, dim, r, n_q_blocks, n_kv_blocks, origin, scale, inv_r, tau,
+    q_heads, group, q_len, dim, r, n_kv_blocks, origin, scale, inv_r, tau,
     gamma_hi, gamma_lo, sparse_allowed,
     stride_qb, stride_qh, stride_ql, stride_qd,
-    BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_NK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNK: tl.constexpr, LN2: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -100,10 +101,8 @@ def _pattern_kernel(
     js = tl.sqrt(jsd).to(tl.float32)
     tl.store(js_ptr + bh, js)
 
-    qb = tl.arange(0, BLOCK_NQ)
-    q_bad = tl.sum(tl.load(q_bad_ptr + bh.to(tl.int64) * n_q_blocks + qb, mask=qb < n_q_blocks, other=0), axis=0)
     k_bad = tl.sum(tl.load(k_bad_ptr + bkv.to(tl.int64) * n_kv_blocks + j, mask=j_ok, other=0), axis=0)
-    finite = (tl.abs(js) < float("inf")) & (q_bad == 0) & (k_bad == 0) & (sparse_allowed != 0)
+    finite = (tl.abs(js) < float("inf")) & (k_bad == 0) & (sparse_allowed != 0)
     flags = tl.where(js < tau, 1, 0) + tl.where(finite, 2, 0)
     tl.store(flags_ptr + bh, flags.to(tl.int32))
 
@@ -133,7 +132,6 @@ def head_pattern(
     k_pool: Tensor,
     true_blocks: Tensor,
     parts: Tensor,
-    q_bad: Tensor,
     k_bad: Tensor,
     block_size: int,
     kv_len: int,
@@ -147,7 +145,7 @@ def head_pattern(
         q: ``[B, Hq, Lq, D]`` (only the last ``r = min(b, Lq)`` rows are read).
         k_pool: ``[B, Hkv, nk, D]`` float32 pooled keys; true_blocks: ``[B, Hq, nk]`` ``â``;
         parts: ``[B, Hq, nk, 3]`` from :func:`.representative.representative_attention`;
-        q_bad: ``[B, Hq, nq]``, k_bad: ``[B, Hkv, nk]`` non-finite counts of the pooling.
+        k_bad: ``[B, Hkv, nk]`` non-finite counts of the pooled keys.
         block_size, kv_len: ``b`` and ``Lk``; scale, tau, gamma: as in the config.
 
     Returns:
@@ -163,7 +161,6 @@ def head_pattern(
     check_device(q, _pattern_kernel)
     batch, q_heads, q_len, dim = q.shape
     kv_heads, n_kv = k_pool.shape[1], k_pool.shape[2]
-    n_q = q_bad.shape[-1]
     r = min(block_size, q_len)
     _, origin = slash_origin(q_len, kv_len, block_size)
     shape = (batch, q_heads, n_kv)
@@ -178,10 +175,10 @@ def head_pattern(
     block_d = next_pow2(dim)
     gamma_hi, gamma_lo = split_gamma(gamma)
     launch(_pattern_kernel)[(batch * q_heads,)](
-        q, k_pool, true_blocks, parts, q_bad, k_bad, estimate, slash, js, flags, vsel, ssel, density,
-        q_heads, q_heads // kv_heads, q_len, dim, r, n_q, n_kv, origin, scale, 1.0 / r, tau,
+        q, k_pool, true_blocks, parts, k_bad, estimate, slash, js, flags, vsel, ssel, density,
+        q_heads, q_heads // kv_heads, q_len, dim, r, n_kv, origin, scale, 1.0 / r, tau,
         gamma_hi, gamma_lo, int(gamma < 1.0), *q.stride(),
-        BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_R=next_pow2(r), BLOCK_D=block_d,
+        BLOCK_NK=block_nk, BLOCK_R=next_pow2(r), BLOCK_D=block_d,
         D_CHUNK=max(1, min(block_d, 8192 // block_nk)), LN2=math.log(2.0), num_warps=8 if block_nk >= 2048 else 4,
     )
     return estimate, slash, js, flags, vsel, ssel, density

@@ -4,16 +4,18 @@ Stages (the Triton ones are ``torch.library.triton_op``s, so the pipeline is tra
 ``torch.compile(fullgraph=True)``, and it is capturable in a CUDA graph: no host
 synchronisation, no data-dependent Python branch, no loop over batch or heads):
 
-1. :func:`.pool.pool_blocks` of ``q``, times the scale (one pass over ``q``);
-2. :func:`.representative.representative_attention` (``â``, slash parts, and the pooled
+1. :func:`.representative.representative_attention` (``â``, slash parts, and the pooled
    keys: one pass over ``k``);
-3. :func:`.pattern.head_pattern` (``ā``, ``D_JS``, pattern, dense fallback, vertical and
-   slash γ-selections) — steps 1–3 are :func:`pattern_stage`, whose
+2. :func:`.pattern.head_pattern` (``ā``, ``D_JS``, pattern, dense fallback, vertical and
+   slash γ-selections) — steps 1–2 are :func:`pattern_stage`, whose
    :meth:`PatternStage.predicted_density` lets ``flex_prefill_attention`` skip the rest
    when the mask would be too dense to pay;
+3. :func:`.pool.pool_blocks` of ``q`` times the scale, for the sparse query-aware heads
+   only (no other head uses ``Q̄``: the others are not read);
 4. ``scale · Q̄ · K̄ᵀ``: one batched float32 ``torch.matmul`` (cuBLAS; GQA by a view, no
    copy of the keys);
-5. :func:`.select.select_blocks` (block rules, query-aware selection, line extension, cap);
+5. :func:`.select.select_blocks` (block rules, query-aware selection, line extension, cap,
+   and the dense fallback of query-aware heads with a non-finite pooled query);
 6. optionally :func:`.emit.emit_block_indices` (``from_kv_blocks`` inputs).
 """
 
@@ -60,15 +62,17 @@ class TritonSelection:
 
 @dataclass
 class PatternStage:
-    """Steps 1–3 of :func:`triton_selection` (pooling, representative attention, pattern).
+    """Steps 1–2 of :func:`triton_selection` (representative attention, pattern).
 
-    Attributes: the pooled queries ``q_pool [B, Hq, nq, D]`` (times the scale) and keys
-    ``k_pool [B, Hkv, nk, D]``, and :func:`.pattern.head_pattern`'s outputs (``estimate``,
-    ``slash``, ``js``, ``flags``, ``vsel``, ``ssel``, ``density``) with ``true_blocks`` (``â``).
+    Attributes: the queries ``q [B, Hq, Lq, D]`` and softmax ``scale`` (step 3 pools
+    them), the pooled keys ``k_pool [B, Hkv, nk, D]``, and :func:`.pattern.head_pattern`'s
+    outputs (``estimate``, ``slash``, ``js``, ``flags``, ``vsel``, ``ssel``, ``density``)
+    with ``true_blocks`` (``â``).
     """
 
     layout: BlockLayout
-    q_pool: Tensor
+    q: Tensor
+    scale: float
     k_pool: Tensor
     true_blocks: Tensor
     estimate: Tensor
@@ -99,33 +103,34 @@ class PatternStage:
 
 
 def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None = None) -> PatternStage:
-    """Pooling, representative attention and pattern decision (steps 1–3).
+    """Representative attention and pattern decision (steps 1–2).
 
     Args: as :func:`triton_selection`.
     """
     b = config.block_size
     layout = BlockLayout(q.shape[-2], k.shape[-2], b)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q_pool, q_bad = pool_blocks(q, b, scale)  # scale * Q̄
     true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
     estimate, slash, js, flags, vsel, ssel, density = head_pattern(
-        q, k_pool, true_blocks, parts, q_bad, k_bad, b, layout.kv_len, scale, config.tau, config.gamma
+        q, k_pool, true_blocks, parts, k_bad, b, layout.kv_len, scale, config.tau, config.gamma
     )
-    return PatternStage(layout, q_pool, k_pool, true_blocks, estimate, slash, js, flags, vsel, ssel, density)
+    return PatternStage(layout, q, scale, k_pool, true_blocks, estimate, slash, js, flags, vsel, ssel, density)
 
 
 def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> TritonSelection:
-    """The block logits and the block selection (steps 4 and 5) after :func:`pattern_stage`."""
+    """Query pooling, block logits and block selection (steps 3–5) after :func:`pattern_stage`."""
     layout = stage.layout
+    q_pool, q_bad = pool_blocks(stage.q, layout.block_size, stage.scale, stage.flags)  # scale * Q̄
     batch, kv_heads, n_kv, dim = stage.k_pool.shape
-    q_heads, n_q = stage.q_pool.shape[1], stage.q_pool.shape[2]
+    q_heads, n_q = q_pool.shape[1], q_pool.shape[2]
     group = q_heads // kv_heads
-    logits = torch.matmul(stage.q_pool.view(batch, kv_heads, group * n_q, dim), stage.k_pool.mT)
+    logits = torch.matmul(q_pool.view(batch, kv_heads, group * n_q, dim), stage.k_pool.mT)
     logits = logits.view(batch, q_heads, n_q, n_kv)
     max_blocks = -1 if config.max_blocks is None else config.max_blocks
-    active = select_blocks(
+    active, flags = select_blocks(
         logits,
         stage.flags,
+        q_bad,
         stage.true_blocks,
         stage.slash,
         stage.vsel,
@@ -148,7 +153,7 @@ def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> Tr
         slash=stage.slash,
         vertical_selected=stage.vsel,
         slash_selected=stage.ssel,
-        sparse=(stage.flags & SPARSE) != 0,
+        sparse=(flags & SPARSE) != 0,
     )
 
 

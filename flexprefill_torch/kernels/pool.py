@@ -6,7 +6,11 @@ the sums are float32. For 16-bit inputs the column sums of each tile run on the 
 cores (row 0 of ``ones-row @ tile``: exact products, float32 accumulation), measured 16–21 %
 faster than reducing in registers on an H200 (``benchmarks/kernel_tuning.py``). Also counts
 the non-finite pooled values per block, which the pipeline uses for the reference's dense
-fallback (a head with a non-finite pooled query or key keeps every visible block).
+fallback (a query-aware head with a non-finite pooled query keeps every visible block).
+
+The pipeline pools the queries after the pattern decision and passes the heads' ``flags``:
+only sparse query-aware heads read their queries (the others get zeros without a load),
+since no other head uses ``Q̄``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def _pool_kernel(
     x_ptr,
     out_ptr,
     bad_ptr,
+    flags_ptr,
     heads,
     length,
     dim,
@@ -38,8 +43,11 @@ def _pool_kernel(
     BLOCK_D: tl.constexpr,
     BLOCKS_PER_PROG: tl.constexpr,
     DOT_SUM: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     bh = tl.program_id(0)
+    # with flags: only sparse query-aware heads are read (the others store zeros)
+    wanted = (tl.load(flags_ptr + bh) & 3) == 3 if GATED else True
     batch = bh // heads
     head = bh % heads
     cols = tl.arange(0, BLOCK_D)
@@ -51,15 +59,16 @@ def _pool_kernel(
     for step in range(BLOCKS_PER_PROG):
         blk = tl.program_id(1) * BLOCKS_PER_PROG + step
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in tl.static_range(0, BLOCK, SUB):
-            rows = blk * BLOCK + start + tl.arange(0, SUB)
-            mask = (rows < length)[:, None] & col_ok[None, :]
-            ptrs = base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_d
-            tile = tl.load(ptrs, mask=mask, other=0.0)
-            if DOT_SUM:  # column sums on the tensor cores: row 0 of (ones in row 0) @ tile
-                acc += tl.sum(tl.where(row_zero, tl.dot(first_row, tile), 0.0), axis=0)
-            else:
-                acc += tl.sum(tile.to(tl.float32), axis=0)
+        if wanted:
+            for start in tl.static_range(0, BLOCK, SUB):
+                rows = blk * BLOCK + start + tl.arange(0, SUB)
+                mask = (rows < length)[:, None] & col_ok[None, :]
+                ptrs = base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_d
+                tile = tl.load(ptrs, mask=mask, other=0.0)
+                if DOT_SUM:  # column sums on the tensor cores: row 0 of (ones in row 0) @ tile
+                    acc += tl.sum(tl.where(row_zero, tl.dot(first_row, tile), 0.0), axis=0)
+                else:
+                    acc += tl.sum(tile.to(tl.float32), axis=0)
         count = tl.maximum(tl.minimum(length - blk * BLOCK, BLOCK), 1)
         mean = acc / count.to(tl.float32)
         in_range = blk < n_blocks
@@ -75,13 +84,17 @@ Chosen on an H200 with ``benchmarks/kernel_tuning.py``, which overrides them."""
 
 
 @device_op("flexprefill::pool_blocks")
-def pool_blocks(x: Tensor, block_size: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def pool_blocks(
+    x: Tensor, block_size: int, scale: float = 1.0, flags: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Block means of ``x`` (times ``scale``) and the count of non-finite means per block.
 
     Args:
         x: ``[B, H, L, D]`` float16/bfloat16/float32, any strides.
         block_size: ``b``; scale: factor applied to the means (the pipeline passes the
             softmax scale, as the reference's ``scale * q_pool``).
+        flags: optional ``[B, H]`` int32 from :func:`.pattern.head_pattern`: heads other than
+            sparse query-aware ones are not read, their means and counts are 0.
 
     Returns:
         ``pooled [B, H, n, D]`` float32 with ``n = ceil(L / b)``: ``scale *
@@ -102,6 +115,7 @@ def pool_blocks(x: Tensor, block_size: int, scale: float = 1.0) -> tuple[Tensor,
         x,
         pooled,
         bad,
+        bad if flags is None else flags,
         heads,
         length,
         dim,
@@ -116,6 +130,7 @@ def pool_blocks(x: Tensor, block_size: int, scale: float = 1.0) -> tuple[Tensor,
         BLOCK_D=block_d,
         BLOCKS_PER_PROG=per_prog,
         DOT_SUM=bool(TUNING["dot_sum"]) and x.dtype != torch.float32 and sub >= 16 and not interp,
+        GATED=flags is not None,
         num_warps=TUNING["num_warps"],
     )
     return pooled, bad

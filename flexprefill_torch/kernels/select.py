@@ -83,14 +83,21 @@ def _strongest(key, visible, min_blocks, FEW: tl.constexpr):
 
 @triton.jit
 def _rows_kernel(
-    logits_ptr, flags_ptr, true_ptr, slash_ptr, vsel_ptr, ssel_ptr, active_ptr, x_ptr, base_ptr, count_ptr,
+    logits_ptr, flags_ptr, q_bad_ptr, true_ptr, slash_ptr, vsel_ptr, ssel_ptr, active_ptr, flags_out_ptr,
+    x_ptr, base_ptr, count_ptr,
     q_len, kv_len, n_q_blocks, n_kv_blocks, min_blocks, max_blocks, gamma_hi, gamma_lo,
-    BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, ROWS: tl.constexpr, PER_ROW: tl.constexpr,
-    CAP: tl.constexpr, FEW: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, ROWS: tl.constexpr,
+    PER_ROW: tl.constexpr, CAP: tl.constexpr, FEW: tl.constexpr,
 ):
     # PER_ROW is also set when the global buffers (x, base) are not allocated
     bh = tl.program_id(1)
     flags = tl.load(flags_ptr + bh)
+    if (flags & 3) == 3:  # sparse query-aware: dense fallback if a pooled query is not finite
+        qb = tl.arange(0, BLOCK_NQ)
+        q_bad = tl.sum(tl.load(q_bad_ptr + bh.to(tl.int64) * n_q_blocks + qb, mask=qb < n_q_blocks, other=0))
+        flags = tl.where(q_bad > 0, flags & 1, flags)
+    if tl.program_id(0) == 0:
+        tl.store(flags_out_ptr + bh, flags)
     offset = kv_len - q_len
     i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     j = tl.arange(0, BLOCK_NK)
@@ -175,19 +182,45 @@ def _advance(prefix, above, base, hist_ptr, n_progs, gamma, width, BLOCK_P: tl.c
 
 
 @triton.jit
-def _bucket_mass(x_ptr, rows, seen, n_kv_blocks, prefix, shift, width,
-                 BLOCK_NK: tl.constexpr, COL_CHUNK: tl.constexpr):
-    """Mass of the visible entries of ``rows`` per 16 buckets of key bits ``shift + width - 1 .. shift``.
+def _unit_cells(bh, units, lanes, offset, q_len, n_q_blocks, n_kv_blocks, n_units,
+                BLOCK: tl.constexpr, FOLD: tl.constexpr):
+    """Map cells (int64 index, in-range mask) at ``[units, lanes]`` of the threshold's scan.
+
+    A unit is a row ``i`` (lanes = its visible columns), or with ``FOLD`` (``Lq == Lk``:
+    row ``i`` sees columns ``0..i``, of which ``0`` and ``i`` are forced) the rows ``i`` and
+    ``nq - 1 - i`` side by side: the free columns ``1..i-1`` of the one, then those of the
+    other, ``nq - 3`` lanes in all, so the causal triangle fills the tile.
+    """
+    if FOLD:
+        mirror = n_q_blocks - 1 - units
+        first_len = tl.maximum(units - 1, 0)
+        second_len = tl.where(mirror > units, tl.maximum(mirror - 1, 0), 0)
+        in_first = lanes[None, :] < first_len[:, None]
+        row = tl.where(in_first, units[:, None], mirror[:, None])
+        col = tl.where(in_first, lanes[None, :] + 1, lanes[None, :] + 1 - first_len[:, None])
+        ok = (units < n_units)[:, None] & (lanes[None, :] < (first_len + second_len)[:, None])
+    else:
+        seen = tl.minimum((offset + tl.minimum((units + 1) * BLOCK, q_len) - 1) // BLOCK + 1, n_kv_blocks)
+        row = units[:, None]
+        col = lanes[None, :]
+        ok = (units < n_units)[:, None] & (col < seen[:, None])
+    return (bh.to(tl.int64) * n_q_blocks + row) * n_kv_blocks + col, ok
+
+
+@triton.jit
+def _bucket_mass(x_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blocks, n_units, prefix, shift, width,
+                 BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, COL_CHUNK: tl.constexpr, FOLD: tl.constexpr):
+    """Mass of the free visible entries of ``units`` per 16 buckets of key bits ``shift + width - 1 .. shift``.
 
     Only entries whose higher key bits equal ``prefix`` count (forced ``-2`` and invisible
     ``-1`` entries have negative keys and never do).
     """
     buckets = tl.arange(0, 16)
     acc = tl.zeros([16], dtype=tl.float64)
-    for chunk in range(BLOCK_NK // COL_CHUNK):  # visible blocks only
-        j = chunk * COL_CHUNK + tl.arange(0, COL_CHUNK)
-        x = tl.load(x_ptr + rows[:, None] * n_kv_blocks + j[None, :], mask=j[None, :] < seen[:, None],
-                    other=-1.0)
+    for chunk in range(BLOCK_NK // COL_CHUNK):
+        lanes = chunk * COL_CHUNK + tl.arange(0, COL_CHUNK)
+        cells, ok = _unit_cells(bh, units, lanes, offset, q_len, n_q_blocks, n_kv_blocks, n_units, BLOCK, FOLD)
+        x = tl.load(x_ptr + cells, mask=ok, other=-1.0)
         key = x.to(tl.int32, bitcast=True)
         inside = (key >= 0) & ((key >> (shift + width)) == prefix)
         if tl.sum(inside.to(tl.int32)) > 0:
@@ -204,7 +237,7 @@ def _head_threshold(
     q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_P: tl.constexpr,
     ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr, CAP: tl.constexpr,
-    ROUNDS: tl.constexpr,
+    ROUNDS: tl.constexpr, FOLD: tl.constexpr,
 ):
     """Part ``p`` of ``n_progs`` of head ``bh``'s threshold and final rows (rows ``p, p + n_progs, ...``).
 
@@ -217,6 +250,8 @@ def _head_threshold(
     base = tl.sum(tl.load(base_ptr + bh.to(tl.int64) * n_q_blocks + qb, mask=qb < n_q_blocks, other=0.0), axis=0)
     round_stride = n_slots * 16
     rows_here = tl.cdiv(n_q_blocks, n_progs)  # at most, rows p, p + n_progs, ... (balanced)
+    n_units = (n_q_blocks + 1) // 2 if FOLD else n_q_blocks
+    units_here = tl.cdiv(n_units, n_progs)  # scan units p, p + n_progs, ...
     prefix = bh * 0
     above = tl.zeros([], dtype=tl.float64)
     for index in range(ROUNDS):
@@ -224,12 +259,10 @@ def _head_threshold(
         shift = 27 - 4 * index + index // (ROUNDS - 1)
         acc = tl.zeros([16], dtype=tl.float64)
         first = 0
-        while first < rows_here:  # (while loops: the interpreter takes no tensor range bounds)
-            i = p + (first + tl.arange(0, ROW_CHUNK)) * n_progs
-            seen = tl.minimum((offset + tl.minimum((i + 1) * BLOCK, q_len) - 1) // BLOCK + 1, n_kv_blocks)
-            seen = tl.where(i < n_q_blocks, seen, 0)
-            rows = bh.to(tl.int64) * n_q_blocks + i
-            acc += _bucket_mass(x_ptr, rows, seen, n_kv_blocks, prefix, shift, width, BLOCK_NK, COL_CHUNK)
+        while first < units_here:  # (while loops: the interpreter takes no tensor range bounds)
+            units = p + (first + tl.arange(0, ROW_CHUNK)) * n_progs
+            acc += _bucket_mass(x_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blocks, n_units, prefix, shift,
+                                width, BLOCK, BLOCK_NK, COL_CHUNK, FOLD)
             first += ROW_CHUNK
         mine = hist_ptr + index * round_stride
         tl.store(mine + tl.arange(0, 16), acc)
@@ -264,7 +297,7 @@ def _threshold_kernel(
     n_heads, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma_hi, gamma_lo,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr, ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr,
-    CAP: tl.constexpr, ROUNDS: tl.constexpr,
+    CAP: tl.constexpr, ROUNDS: tl.constexpr, FOLD: tl.constexpr,
 ):
     # the heads that need the global threshold (sparse and query-aware), found on the device:
     # P = programs // heads of them each get P programs (one program per head if they outnumber
@@ -283,16 +316,20 @@ def _threshold_kernel(
         _head_threshold(
             x_ptr, base_ptr, hist_ptr + g * 16, count_ptr, active_ptr, bh, p, n_progs, n_slots,
             q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
-            BLOCK, BLOCK_NK, BLOCK_NQ, BLOCK_P, ROW_CHUNK, COL_CHUNK, DECIDE_ROWS, CAP, ROUNDS,
+            BLOCK, BLOCK_NK, BLOCK_NQ, BLOCK_P, ROW_CHUNK, COL_CHUNK, DECIDE_ROWS, CAP, ROUNDS, FOLD,
         )
         slot += n_slots // n_progs
 
 
-TUNING: dict[str, int] = {"row_cells": 1024, "num_warps": 4, "pass_cells": 8192, "pass_warps": 8, "pass_programs": 0}
+TUNING: dict[str, int] = {
+    "row_cells": 1024, "num_warps": 4, "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
+    "fold": 1, "decide_cells": 8192,
+}
 """Launch parameters: map cells per program (whole rows) and warps of :func:`_rows_kernel`;
-map cells per step, warps and programs (``0``: one per SM, at most that) of
-:func:`_threshold_kernel`. Chosen on an H200 with ``benchmarks/kernel_tuning.py``, which
-overrides them."""
+of :func:`_threshold_kernel`, the map cells and (at most) scan units per step, warps,
+programs (``0``: one per SM, at most that), the folded scan of ``Lq == Lk`` maps (``1``)
+and the map cells per step of its final rows. Chosen on an H200 with
+``benchmarks/kernel_tuning.py``, which overrides them."""
 
 
 @functools.cache
@@ -304,6 +341,7 @@ def _sm_count(device: int) -> int:
 def select_blocks(
     logits: Tensor,
     flags: Tensor,
+    q_bad: Tensor,
     true_blocks: Tensor,
     slash: Tensor,
     vertical_selected: Tensor,
@@ -316,12 +354,14 @@ def select_blocks(
     max_blocks: int,
     per_row: bool,
     any_query_aware: bool,
-) -> Tensor:
-    """The active map of every (batch, query head).
+) -> tuple[Tensor, Tensor]:
+    """The active map of every (batch, query head), and the final flags.
 
     Args:
         logits: ``[B, Hq, nq, nk]`` float32, ``scale · Q̄ · K̄ᵀ`` (all blocks).
-        flags: ``[B, Hq]`` int32 from :func:`.pattern.head_pattern`; true_blocks, slash:
+        flags: ``[B, Hq]`` int32 from :func:`.pattern.head_pattern`; q_bad: ``[B, Hq, nq]``
+            int32, non-finite counts of the pooled queries (read for sparse query-aware
+            heads only: one makes the head dense); true_blocks, slash:
             ``[B, Hq, nk]`` float32 (``â``, pooled slash); vertical_selected,
             slash_selected: ``[B, Hq, nk]`` bool.
         q_len, kv_len, block_size: ``Lq``, ``Lk``, ``b``; gamma: γ; min_blocks: blocks of
@@ -331,7 +371,9 @@ def select_blocks(
             threshold is skipped.
 
     Returns:
-        ``active [B, Hq, nq, nk]`` bool, False outside the causally visible blocks.
+        ``active [B, Hq, nq, nk]`` bool, False outside the causally visible blocks, and
+        ``flags [B, Hq]`` int32: the input flags with :data:`.pattern.SPARSE` cleared for
+        the query-aware heads whose pooled queries are not finite.
     """
     check_device(logits, _rows_kernel)
     batch, heads, n_q, n_kv = logits.shape
@@ -341,6 +383,7 @@ def select_blocks(
     cap = max_blocks >= 0
     dev = logits.device
     active = torch.empty(batch, heads, n_q, n_kv, device=dev, dtype=torch.bool)
+    final_flags = torch.empty_like(flags)
     global_qa = any_query_aware and not per_row
     x = torch.empty((batch, heads, n_q, n_kv) if global_qa else (1,), device=dev, dtype=torch.float32)
     base = torch.empty((bh, n_q) if global_qa else (1,), device=dev, dtype=torch.float64)
@@ -351,24 +394,25 @@ def select_blocks(
     rows = next_pow2(n_q, 1) if interp else max(1, min(next_pow2(n_q, 1), cells // block_nk))
     warps = TUNING["num_warps"] if rows * block_nk >= cells else 4
     launch(_rows_kernel)[(-(-n_q // rows), bh)](
-        logits, flags, true_blocks, slash, vertical_selected, slash_selected, active, x, base, count,
-        q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
-        BLOCK=block_size, BLOCK_NK=block_nk, ROWS=rows, PER_ROW=not global_qa, CAP=cap,
+        logits, flags, q_bad, true_blocks, slash, vertical_selected, slash_selected, active, final_flags,
+        x, base, count, q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
+        BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), ROWS=rows, PER_ROW=not global_qa, CAP=cap,
         FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, num_warps=warps,
     )
     if not global_qa:
-        return active
+        return active, final_flags
 
     # one program per SM (all resident at once: the per-head barrier needs it); one when interpreted
     n_slots = 1 if interp else min(TUNING["pass_programs"] or _sm_count(dev.index), _sm_count(dev.index))
     chunk = TUNING["pass_cells"]
-    row_chunk = next_pow2(n_q, 1) if interp else max(1, chunk // block_nk)
+    row_chunk = next_pow2(n_q, 1) if interp else max(1, min(TUNING["pass_rows"], chunk // block_nk))
     col_chunk = block_nk if interp else min(block_nk, chunk)
+    decide_rows = next_pow2(n_q, 1) if interp else max(1, TUNING["decide_cells"] // block_nk)
     hist = torch.empty(ROUNDS, n_slots, 16, device=dev, dtype=torch.float64)
     launch(_threshold_kernel)[(n_slots,)](
-        x, flags, base, hist, count, active, bh, n_slots, q_len, kv_len, n_q, n_kv, max_blocks, gamma_hi, gamma_lo,
+        x, final_flags, base, hist, count, active, bh, n_slots, q_len, kv_len, n_q, n_kv, max_blocks, gamma_hi, gamma_lo,
         BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_H=next_pow2(bh),
-        BLOCK_P=next_pow2(n_slots), ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, DECIDE_ROWS=row_chunk, CAP=cap,
-        ROUNDS=ROUNDS, num_warps=TUNING["pass_warps"],
+        BLOCK_P=next_pow2(n_slots), ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, DECIDE_ROWS=decide_rows, CAP=cap,
+        ROUNDS=ROUNDS, FOLD=bool(TUNING["fold"]) and q_len == kv_len, num_warps=TUNING["pass_warps"],
     )
-    return active
+    return active, final_flags

@@ -30,7 +30,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set before import) or a CUDA GPU", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from flexprefill_torch.kernels import triton_block_mask, triton_selection  # noqa: E402
+from flexprefill_torch.kernels._utils import mass_threshold  # noqa: E402
 from flexprefill_torch.kernels.emit import emit_block_indices  # noqa: E402
 from flexprefill_torch.kernels.pattern import head_pattern  # noqa: E402
 from flexprefill_torch.kernels.pool import pool_blocks  # noqa: E402
@@ -72,6 +76,60 @@ def _reference_rules(logits, flags, true_blocks, slash, vsel, ssel, layout, conf
     return torch.where(sparse[..., None, None], active, visible)
 
 
+# ---------------------------------------------------------------- in-register selection
+
+
+@triton.jit
+def _mass_threshold_kernel(x_ptr, cand_ptr, base_ptr, out_ptr, gamma_hi, gamma_lo,
+                           R: tl.constexpr, N: tl.constexpr):
+    rows = tl.arange(0, R)
+    cells = rows[:, None] * N + tl.arange(0, N)[None, :]
+    x = tl.load(x_ptr + cells)
+    cand = tl.load(cand_ptr + cells) != 0
+    base = tl.load(base_ptr + rows)
+    gamma = (gamma_hi + tl.zeros([], dtype=tl.float64)) + (gamma_lo + tl.zeros([], dtype=tl.float64))
+    tl.store(out_ptr + rows, mass_threshold(x, cand, base, gamma))
+
+
+def _threshold_brute_force(x, cand, base, gamma):
+    """Largest key k in [0, 2^31 - 1] with base + Σ x[cand & key >= k] >= γ, else 0."""
+    out = []
+    keys = x.view(torch.int32)
+    for row in range(x.shape[0]):
+        best = 0x7FFFFFFF if base[row] >= gamma else 0
+        if best == 0:
+            for value in sorted(set(keys[row][cand[row]].tolist()), reverse=True):
+                taken = x[row][cand[row] & (keys[row] >= value)].double().sum()
+                if base[row] + taken >= gamma:
+                    best = value
+                    break
+        out.append(best)
+    return out
+
+
+@settings(max_examples=8 if INTERPRET else 40, deadline=None)
+@given(seed=st.integers(0, 2**16), levels=st.sampled_from([3, 50, 10**6]), gamma=st.floats(0.05, 0.99))
+def test_mass_threshold_matches_brute_force(seed, levels, gamma):
+    """The sort-based γ-crossing: ties (few distinct values), a base that alone reaches γ
+    (row 1), candidates that never reach it (row 2), an empty row (row 3)."""
+    from flexprefill_torch.kernels._utils import split_gamma
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, n = 4, 32
+    x = torch.randint(0, levels, (rows, n), generator=gen).float() / levels
+    x = x / x.sum(-1, keepdim=True).clamp(min=1e-9)
+    cand = torch.rand(rows, n, generator=gen) < 0.7
+    cand[3] = False
+    base = torch.tensor([0.0, gamma + 0.01, 0.0, 0.0], dtype=torch.float64)
+    x[2] = x[2] * (gamma * 0.5)  # sums to γ/2: never reaches
+    out = torch.empty(rows, dtype=torch.int32)
+    hi, lo = split_gamma(gamma)
+    tensors = [t.to(DEVICE) for t in (x, cand.to(torch.int32), base, out)]
+    _mass_threshold_kernel[(1,)](*tensors, hi, lo, R=rows, N=n)
+    expected = _threshold_brute_force(x, cand, base, hi + lo)
+    assert tensors[3].cpu().tolist() == expected
+
+
 # ---------------------------------------------------------------- pooling
 
 
@@ -86,12 +144,22 @@ def test_pool_blocks(length, block, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-4
     torch.testing.assert_close(pooled, expected, atol=tol, rtol=tol)
     assert int(bad.sum()) == 0
+    # with flags, only sparse query-aware heads (flags == 3) are read; the others are zeros
+    flags = torch.tensor([[3, 1, 2, 0, 3], [0, 3, 3, 1, 2]], dtype=torch.int32, device=DEVICE)
+    gated, gated_bad = pool_blocks(x, block, 0.3, flags)
+    wanted = flags == 3
+    assert torch.equal(gated[wanted], pooled[wanted])
+    assert not bool(gated[~wanted].any()) and not bool(gated_bad.any())
     x = x.clone()
     x[1, 2, length - 1, 7] = float("inf")
     with warnings.catch_warnings():  # the interpreter warns about inf arithmetic
         warnings.simplefilter("ignore", RuntimeWarning)
         _, bad = pool_blocks(x, block)
     assert bad[1, 2, -1] == 1 and int(bad.sum()) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, gated_bad = pool_blocks(x, block, 1.0, flags)
+    assert gated_bad[1, 2, -1] == 1 and int(gated_bad.sum()) == 1
 
 
 # ---------------------------------------------------------------- representative attention
@@ -134,16 +202,16 @@ def _stages(q, k, config):
     true_blocks, parts, k_pool, k_bad = representative_attention(q, k, config.block_size, scale)
     group = q.shape[1] // k.shape[1]
     logits = q_pool @ k_pool.repeat_interleave(group, 1).mT
-    outs = head_pattern(q, k_pool, true_blocks, parts, q_bad, k_bad, config.block_size, k.shape[2], scale,
+    outs = head_pattern(q, k_pool, true_blocks, parts, k_bad, config.block_size, k.shape[2], scale,
                         config.tau, config.gamma)
-    return layout, scale, q_pool, k_pool, true_blocks, logits, outs
+    return layout, scale, q_pool, q_bad, k_pool, true_blocks, logits, outs
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.05, 1.0])
 def test_head_pattern(tau):
     config = FlexPrefillConfig(block_size=16, min_budget=32, tau=tau, gamma=0.85)
     q, k = _qk(2, 2, 2, 70, 100, 32, spread=4.0, seed=1)
-    layout, scale, q_pool, k_pool, true_blocks, _, outs = _stages(q, k, config)
+    layout, scale, q_pool, _, k_pool, true_blocks, _, outs = _stages(q, k, config)
     estimate, slash, js, flags, vsel, ssel, density = outs
     r = min(config.block_size, q.shape[2])
     group = q.shape[1] // k.shape[1]
@@ -169,14 +237,37 @@ def test_head_pattern(tau):
 def test_dense_fallback_flags():
     config = FlexPrefillConfig(block_size=16, min_budget=16)
     q, k = _qk(1, 2, 2, 48, 64, 16)
-    q[0, 1, 3, 2] = float("nan")
     k[0, 1, 60, 0] = float("inf")
     *_, outs = _stages(q, k, config)
     sparse = (outs[3] & 2) != 0
-    assert sparse.tolist() == [[True, False, False, False]]
-    assert outs[6][0, 1:].tolist() == [1.0, 1.0, 1.0]  # dense heads forecast density 1
+    assert sparse.tolist() == [[True, True, False, False]]
+    assert outs[6][0, 2:].tolist() == [1.0, 1.0]  # dense heads forecast density 1
     dense = _stages(q, k, config.replace(gamma=1.0))[-1][3]
     assert bool(((dense & 2) == 0).all())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN input, on purpose
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_non_finite_queries_make_query_aware_heads_dense(tau):
+    """A NaN query in a middle block: dense for a query-aware head (its mask reads Q̄), not
+    for a vertical-slash head (its mask does not), as in the reference."""
+    config = FlexPrefillConfig(block_size=16, min_budget=16, tau=tau, gamma=0.6)
+    q, k = _qk(1, 2, 2, 96, 128, 16, spread=4.0)
+    q[0, 1, 20, 2] = float("nan")
+    layout, _, _, q_bad, _, true_blocks, logits, outs = _stages(q, k, config)
+    _, slash, _, flags, vsel, ssel, _ = outs
+    assert bool(((flags & 2) != 0).all())  # the pattern stage does not read the middle queries
+    active, final = select_blocks(
+        logits, flags, q_bad, true_blocks, slash, vsel, ssel, layout.q_len, layout.kv_len, 16, config.gamma,
+        config.min_blocks, -1, False, tau > 0,
+    )
+    expected = [True, tau == 0.0, True, True]
+    assert ((final & 2) != 0).tolist() == [expected]
+    if tau > 0:
+        assert torch.equal(active[0, 1], layout.visible(DEVICE))
+    selection = triton_selection(q, k, config)
+    assert selection.sparse.tolist() == [expected]
+    assert torch.equal(selection.active, R.flex_prefill_reference(q, k, config).active)
 
 
 @pytest.mark.parametrize(
@@ -191,15 +282,16 @@ def test_dense_fallback_flags():
 )
 def test_select_blocks(config):
     q, k = _qk(1, 2, 2, 90, 130, 32, spread=4.0, seed=2)
-    layout, _, _, _, true_blocks, logits, outs = _stages(q, k, config)
+    layout, _, _, q_bad, _, true_blocks, logits, outs = _stages(q, k, config)
     _, slash, _, flags, vsel, ssel, _ = outs
     max_blocks = -1 if config.max_blocks is None else config.max_blocks
-    active = select_blocks(
-        logits, flags, true_blocks, slash, vsel, ssel, layout.q_len, layout.kv_len, config.block_size,
+    active, final = select_blocks(
+        logits, flags, q_bad, true_blocks, slash, vsel, ssel, layout.q_len, layout.kv_len, config.block_size,
         config.gamma, config.min_blocks, max_blocks, config.query_aware_selection == "per_row", config.tau > 0,
     )
     expected = _reference_rules(logits, flags, true_blocks, slash, vsel, ssel, layout, config)
     assert torch.equal(active, expected)
+    assert torch.equal(final, flags)  # finite queries: the flags are unchanged
     assert not bool(active[..., ~layout.visible(DEVICE)].any())
 
 
@@ -267,7 +359,7 @@ def test_gamma_one_and_non_finite_are_dense():
     visible = layout.visible(DEVICE).expand(1, 4, -1, -1)
     assert torch.equal(triton_selection(q, k, FlexPrefillConfig(block_size=16, gamma=1.0)).active, visible)
     q[0, 2, 10, 0] = float("nan")
-    config = FlexPrefillConfig(block_size=16, min_budget=16, gamma=0.5)
+    config = FlexPrefillConfig(block_size=16, min_budget=16, gamma=0.5, tau=1.0)  # query-aware: dense
     mine = triton_selection(q, k, config)
     assert torch.equal(mine.active[0, 2], visible[0, 2])
     assert torch.equal(mine.active, R.flex_prefill_reference(q, k, config).active)
