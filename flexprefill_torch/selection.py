@@ -57,14 +57,15 @@ def build_block_mask(
                 info.predicted_density = stage.density
                 return None, info
             selection = selection_from_pattern(stage, config)
-            active, query_aware, js = selection.active, selection.query_aware, selection.js_distance
         else:
-            reference = flex_prefill_reference(q, k, config, scale)
-            active, query_aware, js = reference.active, reference.query_aware, reference.js_distance
-        block_mask = block_mask_from_active(active, layout)  # active holds visible blocks only
-    if not with_info:
-        return block_mask, None
-    return block_mask, FlexPrefillInfo.from_selection(active, query_aware, js, layout, config)
+            selection = flex_prefill_reference(q, k, config, scale)
+        block_mask = block_mask_from_active(selection.active, layout)  # visible blocks only
+        if not with_info:  # (no diagnostics: no extra device work)
+            return block_mask, None
+        info = FlexPrefillInfo.from_selection(
+            selection.active, selection.query_aware, selection.js_distance, layout, config
+        )
+    return block_mask, info
 
 
 def flex_prefill_block_mask(

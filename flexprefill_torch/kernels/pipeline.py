@@ -43,21 +43,30 @@ class TritonSelection:
 
     Attributes:
         active: ``[B, Hq, nq, nk]`` bool, the final active blocks (visible ones only).
-        query_aware: ``[B, Hq]`` bool; js_distance: ``[B, Hq]`` float32.
+        flags: ``[B, Hq]`` int32, :data:`.pattern.QUERY_AWARE` | :data:`.pattern.SPARSE`
+            (see :attr:`query_aware`, :attr:`sparse`); js_distance: ``[B, Hq]`` float32.
         true_blocks, estimated_blocks, slash: ``[B, Hq, nk]`` float32 (``â``, ``ā``, slash).
         vertical_selected, slash_selected: ``[B, Hq, nk]`` bool, step 5's selections.
-        sparse: ``[B, Hq]`` bool, False for heads that fell back to dense.
     """
 
     active: Tensor
-    query_aware: Tensor
+    flags: Tensor
     js_distance: Tensor
     true_blocks: Tensor
     estimated_blocks: Tensor
     slash: Tensor
     vertical_selected: Tensor
     slash_selected: Tensor
-    sparse: Tensor
+
+    @property
+    def query_aware(self) -> Tensor:
+        """``[B, Hq]`` bool: the head uses the query-aware pattern."""
+        return (self.flags & QUERY_AWARE) != 0
+
+    @property
+    def sparse(self) -> Tensor:
+        """``[B, Hq]`` bool, False for heads that fell back to dense."""
+        return (self.flags & SPARSE) != 0
 
 
 @dataclass
@@ -146,14 +155,13 @@ def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> Tr
     )
     return TritonSelection(
         active=active,
-        query_aware=stage.query_aware,
+        flags=flags,
         js_distance=stage.js,
         true_blocks=stage.true_blocks,
         estimated_blocks=stage.estimate,
         slash=stage.slash,
         vertical_selected=stage.vsel,
         slash_selected=stage.ssel,
-        sparse=(flags & SPARSE) != 0,
     )
 
 
@@ -186,5 +194,4 @@ def triton_block_mask(
     Same mask as ``flex_prefill_block_mask(..., backend="triton")``.
     """
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
-    active, _, _ = triton_select_active_blocks(q, k, config, scale)
-    return block_mask_from_active(active, layout, use_triton=True)
+    return block_mask_from_active(triton_selection(q, k, config, scale).active, layout, use_triton=True)
