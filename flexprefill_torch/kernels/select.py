@@ -29,7 +29,9 @@ kernel):
   entries. The barrier needs the head's programs on the GPU at the same time, hence at
   most one program per SM (under the interpreter, which runs programs one by one, a
   single program). After the last round each program writes its rows: forced, or ``x``
-  at or above the threshold, and the cap.
+  at or above the threshold, and the cap. When ``Lq == Lk`` the scan is folded
+  (:func:`_unit_cells`): row ``i`` has free blocks ``1..i-1`` only, so rows ``i`` and
+  ``nq - 1 - i`` share one tile row, which halves the work of a round.
 """
 
 from __future__ import annotations
