@@ -6,11 +6,12 @@ Usage::
     python benchmarks/kernel_tuning.py --lengths 32768 --out results.json
 
 For every candidate of each kernel's ``TUNING`` dict (``kernels/representative.py``,
-``kernels/pool.py``, ``kernels/select.py``) it replays the kernel as a CUDA graph
-(GPU time, no launch overhead), checks that the outputs equal those of the current
-defaults, prints a table and saves JSON. Shapes: B=1, Hq=32, Hkv=8, D=128, bf16, the
-structured workload, default config (γ=0.9, τ=0.1). It measures and asserts nothing about
-time; the chosen defaults are written in the modules.
+``kernels/pool.py``, ``kernels/select.py``, ``kernels/emit.py``) it replays the kernel as a
+CUDA graph (GPU time, no launch overhead), checks that the outputs equal those of the
+current defaults, prints a table and saves JSON. Shapes: B=1, Hq=32, Hkv=8, D=128, bf16,
+the structured workload (``--workload gaussian``: the input of ``mask_build.py``), default
+config (γ=0.9, τ=0.1). It measures and asserts nothing about time; the chosen defaults
+are written in the modules.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import math
 from pathlib import Path
 
 import torch
+from mask_build import make_inputs
 
 from flexprefill_torch.config import FlexPrefillConfig
-from flexprefill_torch.kernels import pool, representative, select
+from flexprefill_torch.kernels import emit, pool, representative, select
 from flexprefill_torch.kernels.pattern import head_pattern
 from flexprefill_torch.synthetic import structured_qkv
 from flexprefill_torch.timing import cuda_graph_ms
@@ -32,16 +34,17 @@ from flexprefill_torch.timing import cuda_graph_ms
 CANDIDATES = {
     "representative": (
         representative.TUNING,
-        {"tile_elems": [8192, 16384], "programs": [1024, 2048, 4096], "num_warps": [4, 8], "num_stages": [2, 3]},
+        {"tile_elems": [8192, 16384], "programs": [512, 1024, 2048], "num_warps": [4], "num_stages": [2, 3]},
     ),
     "pool": (
         pool.TUNING,
         {"load_elems": [8192, 16384, 32768], "num_warps": [4, 8], "dot_sum": [0, 1], "blocks_per_prog": [1, 2]},
     ),
+    "emit": (emit.TUNING, {"row_cells": [256, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}),
     "select": (select.TUNING, {"row_cells": [1024, 2048], "num_warps": [1, 2, 4]}),
     "threshold": (
         select.TUNING,
-        {"fold": [0, 1], "pass_cells": [4096, 8192], "pass_rows": [16, 32], "pass_warps": [8, 16]},
+        {"keep_round": [2, 3], "kept_cells": [8, 16384], "list_cells": [512, 1024]},
     ),
 }
 
@@ -66,6 +69,8 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
             config.min_blocks, -1, False, config.tau > 0,
         ),
     }
+    active, _ = fns["threshold"]()
+    fns["emit"] = lambda: emit.emit_block_indices(active, q_len, kv_len, b)
     fns["select"] = fns["threshold"]  # the threshold kernel is part of the selection: both tune it
     return fns
 
@@ -88,11 +93,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel_tuning.json"))
+    parser.add_argument("--workload", choices=["structured", "gaussian"], default="structured",
+                        help="structured_qkv, or the Gaussian input of mask_build.py")
     args = parser.parse_args()
     config = FlexPrefillConfig()
     rows = []
     for length in args.lengths:
-        q, k, _ = structured_qkv(1, 32, 8, length, 128, dtype=torch.bfloat16, device="cuda")
+        if args.workload == "structured":
+            q, k, _ = structured_qkv(1, 32, 8, length, 128, dtype=torch.bfloat16, device="cuda")
+        else:
+            q, k, _ = make_inputs(length)
         for name in args.kernels:
             tuning, grid = CANDIDATES[name]
             defaults = dict(tuning)
@@ -116,7 +126,7 @@ def main() -> None:
     print("\nfastest candidate per kernel and length:")
     for (name, length), row in best.items():
         print(f"{name:15s} {length:7d} {row['ms']:8.4f} ms  {row['params']}")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "workload": args.workload}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"saved {args.out}")

@@ -13,7 +13,10 @@ One pass over the keys plus a light combine:
    offset groups the ``(r × b)`` tile touches: group ``C - j + d``, ``d = 0, 1, 2``
    (``C`` depends only on the lengths; ``d`` is fixed by ``t - i``, see
    :func:`slash_origin`). It also writes each split's partial log-sum-exp per row and,
-   from the programs of the first query head of each GQA group, the pooled keys.
+   from the programs of the first query head of each GQA group, the pooled keys. The key
+   blocks that every row sees whole are one loop with no mask; the last one or two
+   blocks, which the causal boundary or the sequence end cuts, a second, masked loop
+   (no branch inside either loop, so the compiler pipelines the key loads).
 2. :func:`_mass_kernel` combines the partial log-sum-exps (fixed order) and turns the
    per-block statistics into ``â[j]`` and ``parts[j, d]`` (probability mass of block
    ``j`` in group ``C - j + d``). The slash mass of group ``g`` is ``Σ_d parts[C + d - g, d]``,
@@ -26,9 +29,11 @@ other heads of its group.
 
 Precision: float32 inputs use an IEEE float32 ``tl.dot`` of ``scale * q`` (the reference's
 order of operations); float16/bfloat16 inputs use the tensor-core dot (exact products,
-float32 accumulation) scaled afterwards. The logits are kept in base 2 (times ``log2 e``),
-so the exponentials are ``exp2`` without a multiply per element. Under the interpreter the
-operands are upcast (the CPU interpreter mishandles low-precision ``tl.dot``).
+float32 accumulation) scaled afterwards. The logits are kept in base 2 (times ``log2 e``):
+each exponent is one fused multiply-add, ``raw · scale · log2 e − m`` (``m`` from the
+maximum of the raw dot products, the scale being positive), and the exponential an
+``exp2``. Under the interpreter the operands are upcast (the CPU interpreter mishandles
+low-precision ``tl.dot``).
 """
 
 from __future__ import annotations
@@ -60,18 +65,101 @@ def _load_queries(q_ptr, bh, q_heads, q_len, dim, r, stride_qb, stride_qh, strid
 
 
 @triton.jit
+def _key_block(
+    m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j, pool_here, kv_len, dim, r, rem,
+    n_kv_blocks, qk_scale, stride_kl, stride_kd,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32_DOT: tl.constexpr, FULL_D: tl.constexpr, THIRD_GROUP: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Store the statistics of key block ``j`` (and its pooled key); add it to the split's ``(max, sum)``.
+
+    ``MASKED``: the block may hold keys past the end or later than some row's position
+    (only the last block or two); the other blocks skip every mask. ``FULL_D``: ``dim`` is
+    ``BLOCK_D``. ``THIRD_GROUP``: tiles can touch a third offset group
+    (``rem >= b + 2 - r``).
+    """
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    rows = tl.arange(0, BLOCK_R)
+    position = kv_len - r + rows
+    first_row = (tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BLOCK_N)[None, :] >= 0)
+    first_row = first_row.to(tl.float32 if FP32_DOT else k_base.dtype.element_ty)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    l1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    l2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    k_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c_first in tl.static_range(0, BLOCK, BLOCK_N):
+        c = c_first + tl.arange(0, BLOCK_N)
+        keys = j * BLOCK + c
+        ptrs = k_base + keys.to(tl.int64)[:, None] * stride_kl + cols[None, :] * stride_kd
+        if MASKED:
+            kt = tl.load(ptrs, mask=(keys < kv_len)[:, None] & col_ok[None, :], other=0.0)
+        elif FULL_D:
+            kt = tl.load(ptrs)
+        else:
+            kt = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        if pool_here:  # column sums on the tensor cores: row 0 of ones(0-th row) @ kt
+            if FP32_DOT:
+                k_sum += tl.sum(tl.dot(first_row, kt.to(tl.float32), input_precision="ieee"), axis=0)
+            else:
+                k_sum += tl.sum(tl.dot(first_row, kt), axis=0)
+        if FP32_DOT:
+            raw = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+        else:
+            raw = tl.dot(q, tl.trans(kt))
+        if MASKED:
+            raw = tl.where(keys[None, :] <= position[:, None], raw, float("-inf"))
+        # base-2 logits are raw * qk_scale: the scale folds into exp2's argument (one FMA)
+        m_new = tl.maximum(m, tl.max(raw, axis=1) * qk_scale)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)
+        p = tl.exp2(raw * qk_scale - m_ref[:, None])
+        # offset group of (row i, key j*b + c) is C - j + d: d = 0 iff c - i >= rem,
+        # d = 2 iff c - i <= rem - b - 1 (possible only if rem >= b + 2 - r), else d = 1
+        low = tl.sum(tl.where(c[None, :] >= rows[:, None] + rem, p, 0.0), axis=1)
+        rest = tl.sum(p, axis=1) - low
+        if THIRD_GROUP:
+            high = tl.sum(tl.where(c[None, :] <= rows[:, None] + (rem - BLOCK - 1), p, 0.0), axis=1)
+            rest -= high
+            l2 = l2 * alpha + high
+        else:
+            l2 = l2 * alpha
+        l0 = l0 * alpha + low
+        l1 = l1 * alpha + tl.maximum(rest, 0.0)
+        m = m_new
+    out = stats_ptr + ((bh.to(tl.int64) * n_kv_blocks + j) * 4) * BLOCK_R + rows
+    tl.store(out, m)
+    tl.store(out + BLOCK_R, l0)
+    tl.store(out + 2 * BLOCK_R, l1)
+    tl.store(out + 3 * BLOCK_R, l2)
+    # masked stores, not a branch: a branch here costs the loop its pipelining
+    count = tl.maximum(tl.minimum(kv_len - j * BLOCK, BLOCK), 1).to(tl.float32)
+    mean = k_sum / count
+    tl.store(k_pool_ptr + (bkv * n_kv_blocks + j) * dim + cols, mean, mask=col_ok & pool_here)
+    bad = tl.sum((col_ok & ~(tl.abs(mean) < float("inf"))).to(tl.int32), axis=0)
+    tl.store(k_bad_ptr + bkv * n_kv_blocks + j, bad, mask=pool_here)
+    # running log-sum-exp (base 2) of the split
+    top = tl.maximum(m_split, m)
+    top_ref = tl.where(top == float("-inf"), 0.0, top)
+    return top, l_split * tl.exp2(m_split - top_ref) + (l0 + l1 + l2) * tl.exp2(m - top_ref)
+
+
+@triton.jit
 def _tile_kernel(
     q_ptr, k_ptr, stats_ptr, lse_ptr, k_pool_ptr, k_bad_ptr,
-    q_heads, group, q_len, kv_len, dim, r, n_kv_blocks, n_splits, rem, scale,
+    q_heads, group, q_len, kv_len, dim, r, n_kv_blocks, n_clean, n_splits, rem, scale,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCKS_PER_SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, FULL_D: tl.constexpr, THIRD_GROUP: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     scale = as_f32(scale)
-    qk_scale = scale * LOG2E  # logits in base 2: exp2 needs no extra multiply
+    # logits in base 2 (exp2 needs no extra multiply); float32 queries come pre-scaled
+    qk_scale = LOG2E if FP32_DOT else scale * LOG2E
     q = _load_queries(q_ptr, bh, q_heads, q_len, dim, r, stride_qb, stride_qh, stride_ql, stride_qd,
                       scale, BLOCK_R, BLOCK_D, FP32_DOT)
     batch = bh // q_heads
@@ -79,75 +167,36 @@ def _tile_kernel(
     pool_here = (bh % q_heads) % group == 0  # one query head per key head pools the keys
     bkv = (batch * (q_heads // group) + k_head).to(tl.int64)
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + k_head.to(tl.int64) * stride_kh
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < dim
-    rows = tl.arange(0, BLOCK_R)
-    position = kv_len - r + rows
-    row_ok = rows < r
     m_split = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_split = tl.zeros([BLOCK_R], dtype=tl.float32)
-    first_row = (tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BLOCK_N)[None, :] >= 0)
-    first_row = first_row.to(tl.float32 if FP32_DOT else k_ptr.dtype.element_ty)
-    for step in range(BLOCKS_PER_SPLIT):
-        j = split * BLOCKS_PER_SPLIT + step
-        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        l0 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        l1 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        l2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        k_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for c_first in tl.static_range(0, BLOCK, BLOCK_N):
-            c = c_first + tl.arange(0, BLOCK_N)
-            keys = j * BLOCK + c
-            ptrs = k_base + keys.to(tl.int64)[:, None] * stride_kl + cols[None, :] * stride_kd
-            kt = tl.load(ptrs, mask=(keys < kv_len)[:, None] & col_ok[None, :], other=0.0)
-            if pool_here:  # column sums on the tensor cores: row 0 of ones(0-th row) @ kt
-                if FP32_DOT:
-                    k_sum += tl.sum(tl.dot(first_row, kt.to(tl.float32), input_precision="ieee"), axis=0)
-                else:
-                    k_sum += tl.sum(tl.dot(first_row, kt), axis=0)
-            if FP32_DOT:
-                logits = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee") * LOG2E
-            else:
-                logits = tl.dot(q, tl.trans(kt)) * qk_scale
-            # the causal mask (and the padding rows) only matter in the last tiles
-            if (j * BLOCK + c_first + BLOCK_N > kv_len - r + 1) | (r < BLOCK_R):
-                ok = row_ok[:, None] & (keys[None, :] <= position[:, None])
-                logits = tl.where(ok, logits, float("-inf"))
-            m_new = tl.maximum(m, tl.max(logits, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_ref)
-            p = tl.exp2(logits - m_ref[:, None])
-            # offset group of (row i, key j*b + c) is C - j + d: d = 0 iff c - i >= rem,
-            # d = 2 iff c - i <= rem - b - 1 (possible only if rem >= b + 2 - r), else d = 1
-            low = tl.sum(tl.where(c[None, :] >= rows[:, None] + rem, p, 0.0), axis=1)
-            rest = tl.sum(p, axis=1) - low
-            if rem >= BLOCK + 2 - r:
-                high = tl.sum(tl.where(c[None, :] <= rows[:, None] + (rem - BLOCK - 1), p, 0.0), axis=1)
-                rest -= high
-                l2 = l2 * alpha + high
-            else:
-                l2 = l2 * alpha
-            l0 = l0 * alpha + low
-            l1 = l1 * alpha + tl.maximum(rest, 0.0)
-            m = m_new
-        out = stats_ptr + ((bh.to(tl.int64) * n_kv_blocks + j) * 4) * BLOCK_R + rows
-        in_range = j < n_kv_blocks
-        tl.store(out, m, mask=in_range)
-        tl.store(out + BLOCK_R, l0, mask=in_range)
-        tl.store(out + 2 * BLOCK_R, l1, mask=in_range)
-        tl.store(out + 3 * BLOCK_R, l2, mask=in_range)
-        # running log-sum-exp of the split
-        top = tl.maximum(m_split, m)
-        top_ref = tl.where(top == float("-inf"), 0.0, top)
-        l_split = l_split * tl.exp2(m_split - top_ref) + (l0 + l1 + l2) * tl.exp2(m - top_ref)
-        m_split = top
-        if pool_here:
-            count = tl.maximum(tl.minimum(kv_len - j * BLOCK, BLOCK), 1).to(tl.float32)
-            mean = k_sum / count
-            tl.store(k_pool_ptr + (bkv * n_kv_blocks + j) * dim + cols, mean, mask=col_ok & in_range)
-            bad = tl.sum((col_ok & ~(tl.abs(mean) < float("inf"))).to(tl.int32), axis=0)
-            tl.store(k_bad_ptr + bkv * n_kv_blocks + j, bad, mask=in_range)
+    # blocks j0 .. j0 + clean - 1 need no mask (every key visible to every row), the rest do;
+    # two loops without a branch inside, so the compiler pipelines the key loads
+    j0 = split * BLOCKS_PER_SPLIT
+    j_end = tl.minimum(j0 + BLOCKS_PER_SPLIT, n_kv_blocks)
+    j_mid = tl.maximum(tl.minimum(n_clean, j_end), j0)
+    if INTERPRETED:  # the interpreter takes no tensor bounds in range(): while loops, same blocks
+        j = j0
+        while j < j_mid:
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+                                          pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
+                                          BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, False)
+            j += 1
+        while j < j_end:
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+                                          pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
+                                          BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, True)
+            j += 1
+    else:
+        for j in range(j0, j_mid):
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+                                          pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
+                                          BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, False)
+        for j in range(j_mid, j_end):
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+                                          pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
+                                          BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, True)
     lse = tl.where(l_split > 0.0, m_split + tl.log2(tl.where(l_split > 0.0, l_split, 1.0)), float("-inf"))
+    rows = tl.arange(0, BLOCK_R)
     tl.store(lse_ptr + (bh.to(tl.int64) * n_splits + split) * BLOCK_R + rows, lse)
 
 
@@ -197,7 +246,7 @@ def slash_origin(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
     return rem, origin
 
 
-TUNING: dict[str, int] = {"tile_elems": 16384, "programs": 1024, "num_warps": 4, "num_stages": 2}
+TUNING: dict[str, int] = {"tile_elems": 16384, "programs": 512, "num_warps": 4, "num_stages": 2}
 """Launch parameters of :func:`_tile_kernel`: key-tile size ``BLOCK_R × BLOCK_N`` (elements),
 target program count (split-K), warps and pipeline stages. Chosen on an H200 with
 ``benchmarks/kernel_tuning.py``, which overrides them to measure candidates."""
@@ -239,15 +288,17 @@ def representative_attention(
     splits = max(1, min(n_kv, 2 if interp else 64, -(-TUNING["programs"] // bh)))
     per_split = triton.next_power_of_2(-(-n_kv // splits))
     n_splits = -(-n_kv // per_split)
+    n_clean = max(0, (kv_len - r + 1) // block_size)  # blocks every row sees whole
     stats = torch.empty(bh, n_kv, 4, block_r, device=dev, dtype=torch.float32)
     lse = torch.empty(bh, n_splits, block_r, device=dev, dtype=torch.float32)
     k_pool = torch.empty(batch, kv_heads, n_kv, dim, device=dev, dtype=torch.float32)
     k_bad = torch.empty(batch, kv_heads, n_kv, device=dev, dtype=torch.int32)
     launch(_tile_kernel)[(bh, n_splits)](
-        q, k, stats, lse, k_pool, k_bad, q_heads, group, q_len, kv_len, dim, r, n_kv, n_splits, rem, scale,
+        q, k, stats, lse, k_pool, k_bad, q_heads, group, q_len, kv_len, dim, r, n_kv, n_clean, n_splits, rem, scale,
         *q.stride(), *k.stride(),
         BLOCK=block_size, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCKS_PER_SPLIT=per_split, FP32_DOT=fp32_dot, num_warps=TUNING["num_warps"] if block_r * block_n >= TUNING["tile_elems"] else 4,
+        BLOCKS_PER_SPLIT=per_split, FP32_DOT=fp32_dot, FULL_D=dim == block_d, THIRD_GROUP=rem >= block_size + 2 - r,
+        INTERPRETED=interp, num_warps=TUNING["num_warps"] if block_r * block_n >= TUNING["tile_elems"] else 4,
         num_stages=TUNING["num_stages"],
     )
     blocks = next_pow2(n_kv, 1) if interp else max(1, min(next_pow2(n_kv, 1), 4096 // block_r))

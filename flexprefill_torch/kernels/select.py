@@ -28,7 +28,11 @@ kernel):
   alike) by the largest bucket whose mass-above still reaches γ. No sort of ``nq·nk``
   entries. The barrier needs the head's programs on the GPU at the same time, hence at
   most one program per SM (under the interpreter, which runs programs one by one, a
-  single program). After the last round each program writes its rows: forced, or ``x``
+  single program). The scan of round ``keep_round`` (:data:`TUNING`) also lists, per
+  program and in scan order, the entries inside its prefix (round 2: those with the
+  crossing's sign and exponent; round 3: and its 4 leading mantissa bits); the later
+  rounds scan that short list instead of the map (the map again if the list
+  outgrew its room). After the last round each program writes its rows: forced, or ``x``
   at or above the threshold, and the cap. When ``Lq == Lk`` the scan is folded
   (:func:`_unit_cells`): row ``i`` has free blocks ``1..i-1`` only, so rows ``i`` and
   ``nq - 1 - i`` share one tile row, which halves the work of a round.
@@ -210,42 +214,65 @@ def _unit_cells(bh, units, lanes, offset, q_len, n_q_blocks, n_kv_blocks, n_unit
 
 
 @triton.jit
-def _bucket_mass(x_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blocks, n_units, prefix, shift, width,
-                 BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, COL_CHUNK: tl.constexpr, FOLD: tl.constexpr):
-    """Mass of the free visible entries of ``units`` per 16 buckets of key bits ``shift + width - 1 .. shift``.
+def _bucket_sums(x, prefix, shift, width):
+    """``([16] float64, inside)``: mass per bucket of key bits ``shift + width - 1 .. shift``.
 
-    Only entries whose higher key bits equal ``prefix`` count (forced ``-2`` and invisible
-    ``-1`` entries have negative keys and never do).
+    Only entries whose higher key bits equal ``prefix`` (``inside``) count; forced ``-2``
+    and invisible ``-1`` entries have negative keys and never do. ``x`` of any shape.
     """
     buckets = tl.arange(0, 16)
+    acc = tl.zeros([16], dtype=tl.float64)
+    key = x.to(tl.int32, bitcast=True)
+    inside = (key >= 0) & ((key >> (shift + width)) == prefix)
+    if tl.sum(inside.to(tl.int32)) > 0:
+        bucket = tl.where(inside, (key >> shift) & ((1 << width) - 1), -1)
+        mass = x.to(tl.float64)
+        for b in tl.static_range(16):  # one reduction per bucket: no [cells, 16] temporary
+            acc += tl.where(buckets == b, tl.sum(tl.where(bucket == b, mass, 0.0)), 0.0)
+    return acc, inside
+
+
+@triton.jit
+def _bucket_mass(x_ptr, kept_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blocks, n_units, prefix, shift, width,
+                 n_kept, keep, KEPT_CAP: tl.constexpr,
+                 BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, COL_CHUNK: tl.constexpr, FOLD: tl.constexpr):
+    """:func:`_bucket_sums` over the map entries of ``units``; returns ``(acc, n_kept)``.
+
+    With ``keep`` the entries inside the prefix are also appended, in scan order, to the
+    program's list at ``kept_ptr`` (the first ``KEPT_CAP``; ``n_kept`` counts them all).
+    """
     acc = tl.zeros([16], dtype=tl.float64)
     for chunk in range(BLOCK_NK // COL_CHUNK):
         lanes = chunk * COL_CHUNK + tl.arange(0, COL_CHUNK)
         cells, ok = _unit_cells(bh, units, lanes, offset, q_len, n_q_blocks, n_kv_blocks, n_units, BLOCK, FOLD)
         x = tl.load(x_ptr + cells, mask=ok, other=-1.0)
-        key = x.to(tl.int32, bitcast=True)
-        inside = (key >= 0) & ((key >> (shift + width)) == prefix)
-        if tl.sum(inside.to(tl.int32)) > 0:
-            bucket = tl.where(inside, (key >> shift) & ((1 << width) - 1), -1)
-            mass = x.to(tl.float64)
-            for b in tl.static_range(16):  # one reduction per bucket: no [cells, 16] temporary
-                acc += tl.where(buckets == b, tl.sum(tl.where(bucket == b, mass, 0.0)), 0.0)
-    return acc
+        part, inside = _bucket_sums(x, prefix, shift, width)
+        acc += part
+        if keep:
+            flat = tl.reshape(inside, [units.shape[0] * COL_CHUNK]).to(tl.int32)
+            slot = n_kept + tl.cumsum(flat, axis=0) - 1
+            tl.store(kept_ptr + slot, tl.reshape(x, [units.shape[0] * COL_CHUNK]), mask=(flat > 0) & (slot < KEPT_CAP))
+            n_kept += tl.sum(flat, axis=0)
+    return acc, n_kept
 
 
 @triton.jit
 def _head_threshold(
-    x_ptr, base_ptr, hist_ptr, count_ptr, active_ptr, bh, p, n_progs, n_slots,
+    x_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, bh, p, n_progs, n_slots,
     q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_P: tl.constexpr,
     ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr, CAP: tl.constexpr,
-    ROUNDS: tl.constexpr, FOLD: tl.constexpr,
+    ROUNDS: tl.constexpr, FOLD: tl.constexpr, KEEP_ROUND: tl.constexpr, KEPT_CAP: tl.constexpr,
+    LIST_CHUNK: tl.constexpr,
 ):
     """Part ``p`` of ``n_progs`` of head ``bh``'s threshold and final rows (rows ``p, p + n_progs, ...``).
 
     ``hist_ptr`` points at this program's ``[16]`` histogram of round 0; round ``r`` of the
     head's ``n_progs`` programs is the ``[n_progs, 16]`` tile ``r * n_slots * 16`` further on,
-    starting ``p * 16`` before.
+    starting ``p * 16`` before. The scan of round ``KEEP_ROUND`` lists the entries inside
+    its prefix at ``kept_ptr`` (room for ``KEPT_CAP``); later rounds scan that list instead
+    of the map when it is complete (each round's prefix extends the last, so later rounds'
+    entries are all in it).
     """
     offset = kv_len - q_len
     qb = tl.arange(0, BLOCK_NQ)
@@ -256,16 +283,29 @@ def _head_threshold(
     units_here = tl.cdiv(n_units, n_progs)  # scan units p, p + n_progs, ...
     prefix = bh * 0
     above = tl.zeros([], dtype=tl.float64)
+    n_kept = bh * 0 + KEPT_CAP + 1  # no list yet
     for index in range(ROUNDS):
         width = 4 - index // (ROUNDS - 1)  # 4 bits, the last round 3
         shift = 27 - 4 * index + index // (ROUNDS - 1)
         acc = tl.zeros([16], dtype=tl.float64)
         first = 0
-        while first < units_here:  # (while loops: the interpreter takes no tensor range bounds)
-            units = p + (first + tl.arange(0, ROW_CHUNK)) * n_progs
-            acc += _bucket_mass(x_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blocks, n_units, prefix, shift,
-                                width, BLOCK, BLOCK_NK, COL_CHUNK, FOLD)
-            first += ROW_CHUNK
+        if n_kept <= KEPT_CAP:  # the list of round KEEP_ROUND holds every entry still inside
+            while first < n_kept:  # (while loops: the interpreter takes no tensor range bounds)
+                listed = first + tl.arange(0, LIST_CHUNK)
+                part, _ = _bucket_sums(tl.load(kept_ptr + listed, mask=listed < n_kept, other=-1.0),
+                                       prefix, shift, width)
+                acc += part
+                first += LIST_CHUNK
+        else:
+            keep = index == KEEP_ROUND
+            n_kept = tl.where(keep, 0, n_kept)
+            while first < units_here:
+                units = p + (first + tl.arange(0, ROW_CHUNK)) * n_progs
+                part, n_kept = _bucket_mass(x_ptr, kept_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blocks,
+                                            n_units, prefix, shift, width, n_kept, keep, KEPT_CAP,
+                                            BLOCK, BLOCK_NK, COL_CHUNK, FOLD)
+                acc += part
+                first += ROW_CHUNK
         mine = hist_ptr + index * round_stride
         tl.store(mine + tl.arange(0, 16), acc)
         # barrier of the head's programs: every histogram of this round is written
@@ -295,11 +335,12 @@ def _head_threshold(
 
 @triton.jit
 def _threshold_kernel(
-    x_ptr, flags_ptr, base_ptr, hist_ptr, count_ptr, active_ptr,
+    x_ptr, flags_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr,
     n_heads, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma_hi, gamma_lo,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr, ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr,
-    CAP: tl.constexpr, ROUNDS: tl.constexpr, FOLD: tl.constexpr,
+    CAP: tl.constexpr, ROUNDS: tl.constexpr, FOLD: tl.constexpr, KEEP_ROUND: tl.constexpr,
+    KEPT_CAP: tl.constexpr, LIST_CHUNK: tl.constexpr,
 ):
     # the heads that need the global threshold (sparse and query-aware), found on the device:
     # P = programs // heads of them each get P programs (one program per head if they outnumber
@@ -316,21 +357,23 @@ def _threshold_kernel(
     while slot < n_chosen:
         bh = tl.sum(tl.where(chosen & (rank == slot), h, 0), axis=0)
         _head_threshold(
-            x_ptr, base_ptr, hist_ptr + g * 16, count_ptr, active_ptr, bh, p, n_progs, n_slots,
-            q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
+            x_ptr, base_ptr, hist_ptr + g * 16, count_ptr, kept_ptr + g.to(tl.int64) * KEPT_CAP, active_ptr,
+            bh, p, n_progs, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
             BLOCK, BLOCK_NK, BLOCK_NQ, BLOCK_P, ROW_CHUNK, COL_CHUNK, DECIDE_ROWS, CAP, ROUNDS, FOLD,
+            KEEP_ROUND, KEPT_CAP, LIST_CHUNK,
         )
         slot += n_slots // n_progs
 
 
 TUNING: dict[str, int] = {
     "row_cells": 1024, "num_warps": 4, "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
-    "fold": 1, "decide_cells": 8192,
+    "fold": 1, "decide_cells": 8192, "keep_round": 3, "kept_cells": 16384, "list_cells": 1024,
 }
 """Launch parameters: map cells per program (whole rows) and warps of :func:`_rows_kernel`;
 of :func:`_threshold_kernel`, the map cells and (at most) scan units per step, warps,
-programs (``0``: one per SM, at most that), the folded scan of ``Lq == Lk`` maps (``1``)
-and the map cells per step of its final rows. Chosen on an H200 with
+programs (``0``: one per SM, at most that), the folded scan of ``Lq == Lk`` maps (``1``),
+the map cells per step of its final rows, the round that lists the entries still inside,
+the room of each program's list (a longer list is not used) and the list entries per step. Chosen on an H200 with
 ``benchmarks/kernel_tuning.py``, which overrides them."""
 
 
@@ -411,10 +454,15 @@ def select_blocks(
     col_chunk = block_nk if interp else min(block_nk, chunk)
     decide_rows = next_pow2(n_q, 1) if interp else max(1, TUNING["decide_cells"] // block_nk)
     hist = torch.empty(ROUNDS, n_slots, 16, device=dev, dtype=torch.float64)
+    kept_cap = TUNING["kept_cells"]
+    kept = torch.empty(n_slots * kept_cap, device=dev, dtype=torch.float32)
     launch(_threshold_kernel)[(n_slots,)](
-        x, final_flags, base, hist, count, active, bh, n_slots, q_len, kv_len, n_q, n_kv, max_blocks, gamma_hi, gamma_lo,
+        x, final_flags, base, hist, count, kept, active, bh, n_slots, q_len, kv_len, n_q, n_kv, max_blocks,
+        gamma_hi, gamma_lo,
         BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_H=next_pow2(bh),
         BLOCK_P=next_pow2(n_slots), ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, DECIDE_ROWS=decide_rows, CAP=cap,
-        ROUNDS=ROUNDS, FOLD=bool(TUNING["fold"]) and q_len == kv_len, num_warps=TUNING["pass_warps"],
+        ROUNDS=ROUNDS, FOLD=bool(TUNING["fold"]) and q_len == kv_len, KEEP_ROUND=TUNING["keep_round"],
+        KEPT_CAP=kept_cap,
+        LIST_CHUNK=min(TUNING["list_cells"], next_pow2(kept_cap)), num_warps=TUNING["pass_warps"],
     )
     return active, final_flags

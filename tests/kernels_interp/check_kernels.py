@@ -33,7 +33,7 @@ if not INTERPRET and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from flexprefill_torch.kernels import triton_block_mask, triton_selection  # noqa: E402
+from flexprefill_torch.kernels import select, triton_block_mask, triton_selection  # noqa: E402
 from flexprefill_torch.kernels._utils import mass_threshold  # noqa: E402
 from flexprefill_torch.kernels.emit import emit_block_indices  # noqa: E402
 from flexprefill_torch.kernels.pattern import head_pattern  # noqa: E402
@@ -293,6 +293,25 @@ def test_select_blocks(config):
     assert torch.equal(active, expected)
     assert torch.equal(final, flags)  # finite queries: the flags are unchanged
     assert not bool(active[..., ~layout.visible(DEVICE)].any())
+
+
+@pytest.mark.parametrize(
+    ("kept_cells", "gamma"), [(16384, 0.5), (16384, 0.99), (8, 0.9)], ids=["listed-0.5", "listed-0.99", "list-too-short"]
+)
+def test_global_threshold_rounds(monkeypatch, kept_cells, gamma):
+    """The global threshold's later radix rounds scan the list of round ``KEEP_ROUND`` (or
+    the map again when the list would be too long): same map as the reference either way."""
+    monkeypatch.setitem(select.TUNING, "kept_cells", kept_cells)
+    config = FlexPrefillConfig(block_size=16, min_budget=16, tau=1.0, gamma=gamma)
+    q, k = _qk(1, 2, 2, 512, 512, 32, spread=3.0, seed=5)
+    layout, _, _, q_bad, _, true_blocks, logits, outs = _stages(q, k, config)
+    _, slash, _, flags, vsel, ssel, _ = outs
+    assert bool(((flags & 3) == 3).all())  # every head takes the global threshold
+    active, _ = select_blocks(
+        logits, flags, q_bad, true_blocks, slash, vsel, ssel, layout.q_len, layout.kv_len, config.block_size,
+        config.gamma, config.min_blocks, -1, False, True,
+    )
+    assert torch.equal(active, _reference_rules(logits, flags, true_blocks, slash, vsel, ssel, layout, config))
 
 
 # ---------------------------------------------------------------- emission
