@@ -373,7 +373,8 @@ TUNING: dict[str, int] = {
 of :func:`_threshold_kernel`, the map cells and (at most) scan units per step, warps,
 programs (``0``: one per SM, at most that), the folded scan of ``Lq == Lk`` maps (``1``),
 the map cells per step of its final rows, the round that lists the entries still inside,
-the room of each program's list (a longer list is not used) and the list entries per step. Chosen on an H200 with
+the room of each program's list (a longer list is not used) and the list entries per step.
+Chosen on an H200 with
 ``benchmarks/kernel_tuning.py``, which overrides them."""
 
 
