@@ -6,7 +6,7 @@ Usage::
     python benchmarks/kernel_tuning.py --lengths 32768 --out results.json
 
 For every candidate of each kernel's ``TUNING`` dict (``kernels/representative.py``,
-``kernels/pool.py``, ``kernels/select.py``, ``kernels/emit.py``) it replays the kernel as a
+``kernels/pool.py``, ``kernels/pattern.py``, ``kernels/select.py``, ``kernels/emit.py``) it replays the kernel as a
 CUDA graph (GPU time, no launch overhead), checks that the outputs equal those of the
 current defaults, prints a table and saves JSON. Shapes: B=1, Hq=32, Hkv=8, D=128, bf16,
 the structured workload (``--workload gaussian``: the input of ``mask_build.py``), default
@@ -26,8 +26,7 @@ import torch
 from mask_build import make_inputs
 
 from flexprefill_torch.config import FlexPrefillConfig
-from flexprefill_torch.kernels import emit, pool, representative, select
-from flexprefill_torch.kernels.pattern import head_pattern
+from flexprefill_torch.kernels import emit, pattern, pool, representative, select
 from flexprefill_torch.synthetic import structured_qkv
 from flexprefill_torch.timing import cuda_graph_ms
 
@@ -38,10 +37,12 @@ CANDIDATES = {
     ),
     "pool": (
         pool.TUNING,
-        {"load_elems": [8192, 16384, 32768], "num_warps": [4, 8], "dot_sum": [0, 1], "blocks_per_prog": [1, 2]},
+        {"load_elems": [8192, 16384, 32768], "num_warps": [4, 8], "dot_sum": [0, 1], "blocks_per_prog": [1, 2, 4]},
     ),
+    "mass": (representative.TUNING, {"mass_cells": [2048, 4096, 8192, 16384], "mass_warps": [2, 4, 8]}),
+    "pattern": (pattern.TUNING, {"chunk_cells": [8192, 16384, 32768], "num_warps": [4, 8, 16]}),
     "emit": (emit.TUNING, {"row_cells": [256, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}),
-    "select": (select.TUNING, {"row_cells": [1024, 2048], "num_warps": [1, 2, 4]}),
+    "select": (select.TUNING, {"row_cells": [512, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}),
     "threshold": (
         select.TUNING,
         {"keep_round": [2, 3], "kept_cells": [8, 16384], "list_cells": [512, 1024]},
@@ -56,13 +57,16 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim)
     true_blocks, parts, k_pool, k_bad = representative.representative_attention(q, k, b, scale)
-    _, slash, _, flags, vsel, ssel, _ = head_pattern(
-        q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale, config.tau, config.gamma
-    )
+    def pattern_fn():
+        return pattern.head_pattern(q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale, config.tau, config.gamma)
+
+    _, slash, _, flags, vsel, ssel, _ = pattern_fn()
     q_pool, q_bad = pool.pool_blocks(q, b, scale, flags)
     logits = torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT).view(batch, heads, q_pool.shape[2], -1)
     fns = {
         "representative": lambda: representative.representative_attention(q, k, b, scale),
+        "mass": lambda: representative.representative_attention(q, k, b, scale),  # tile + mass kernels
+        "pattern": pattern_fn,
         "pool": lambda: pool.pool_blocks(q, b, scale),
         "threshold": lambda: select.select_blocks(
             logits, flags, q_bad, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,

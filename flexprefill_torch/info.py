@@ -26,8 +26,9 @@ class FlexPrefillInfo:
         config: the configuration that produced it.
         layout: the block geometry (lengths and block size).
         predicted_density: float32, set when ``flex_prefill_attention`` skipped the block
-            selection because the pattern stage forecast a mask denser than
-            ``max_density`` (``PatternStage.predicted_density``); None otherwise.
+            selection because the forecast (``kernels.pipeline.forecast_density``: the
+            pattern stage of a few probe heads, each standing for the heads up to the
+            next) was denser than ``max_density``; None otherwise.
     """
 
     query_aware: Tensor

@@ -39,23 +39,30 @@ def build_block_mask(
     pure-PyTorch reference otherwise.
 
     ``dense_above`` (Triton pipeline only; costs one host synchronisation): when the
-    pattern stage's predicted mean density exceeds it, the selection is skipped and
-    ``(None, info)`` returned, ``info`` (if ``with_info``) describing the dense attention
-    to run instead.
+    forecast of :func:`.kernels.pipeline.forecast_density` (the pattern stage of a few
+    probe heads) exceeds it on average, the rest is skipped and ``(None, info)`` returned,
+    ``info`` (if ``with_info``) describing the dense attention to run instead.
     """
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     with torch.no_grad():
         if uses_triton(q, backend):
-            from .kernels.pipeline import pattern_stage, selection_from_pattern  # imports Triton
+            from .kernels.pipeline import (  # imports Triton
+                forecast_density,
+                pattern_stage,
+                selection_from_pattern,
+            )
 
-            stage = pattern_stage(q, k, config, scale)
-            if dense_above is not None and stage.density.mean().item() > dense_above:  # host sync
-                if not with_info:
-                    return None, None
-                info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
-                info.query_aware, info.js_distance = stage.query_aware, stage.js
-                info.predicted_density = stage.density
-                return None, info
+            stage = None
+            if dense_above is not None:
+                predicted, stage = forecast_density(q, k, config, scale)
+                if predicted.mean().item() > dense_above:  # host sync
+                    if not with_info:
+                        return None, None
+                    info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
+                    info.predicted_density = predicted
+                    return None, info
+            if stage is None:
+                stage = pattern_stage(q, k, config, scale)
             selection = selection_from_pattern(stage, config)
         else:
             selection = flex_prefill_reference(q, k, config, scale)

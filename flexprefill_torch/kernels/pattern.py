@@ -126,6 +126,12 @@ def _pattern_kernel(
     tl.store(density_ptr + bh, density)
 
 
+TUNING: dict[str, int] = {"chunk_cells": 16384, "num_warps": 8}
+"""Launch parameters of :func:`_pattern_kernel`: pooled-key elements per step of ``ā``'s
+logits (``nk × D_CHUNK``) and warps. Chosen on an H200 with
+``benchmarks/kernel_tuning.py``, which overrides them."""
+
+
 @device_op("flexprefill::head_pattern")
 def head_pattern(
     q: Tensor,
@@ -179,6 +185,7 @@ def head_pattern(
         q_heads, q_heads // kv_heads, q_len, dim, r, n_kv, origin, scale, 1.0 / r, tau,
         gamma_hi, gamma_lo, int(gamma < 1.0), *q.stride(),
         BLOCK_NK=block_nk, BLOCK_R=next_pow2(r), BLOCK_D=block_d,
-        D_CHUNK=max(1, min(block_d, 8192 // block_nk)), LN2=math.log(2.0), num_warps=8 if block_nk >= 2048 else 4,
+        D_CHUNK=max(1, min(block_d, TUNING["chunk_cells"] // block_nk)), LN2=math.log(2.0),
+        num_warps=TUNING["num_warps"],
     )
     return estimate, slash, js, flags, vsel, ssel, density

@@ -8,8 +8,9 @@ synchronisation, no data-dependent Python branch, no loop over batch or heads):
    keys: one pass over ``k``);
 2. :func:`.pattern.head_pattern` (``ā``, ``D_JS``, pattern, dense fallback, vertical and
    slash γ-selections) — steps 1–2 are :func:`pattern_stage`, whose
-   :meth:`PatternStage.predicted_density` lets ``flex_prefill_attention`` skip the rest
-   when the mask would be too dense to pay;
+   :meth:`PatternStage.predicted_density` is a forecast of the mask density;
+   ``flex_prefill_attention`` first runs them on a few probe heads
+   (:func:`forecast_density`) and skips the rest when the mask would be too dense to pay;
 3. :func:`.pool.pool_blocks` of ``q`` times the scale, for the sparse query-aware heads
    only (no other head uses ``Q̄``: the others are not read);
 4. ``scale · Q̄ · K̄ᵀ``: one batched float32 ``torch.matmul`` (cuBLAS; GQA by a view, no
@@ -124,6 +125,46 @@ def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float 
         q, k_pool, true_blocks, parts, k_bad, b, layout.kv_len, scale, config.tau, config.gamma
     )
     return PatternStage(layout, q, scale, k_pool, true_blocks, estimate, slash, js, flags, vsel, ssel, density)
+
+
+PROBE_HEADS = 8
+"""About this many query heads make the density forecast (:func:`forecast_density`)."""
+
+
+def probe_stride(q_heads: int, kv_heads: int) -> int:
+    """Stride ``s`` of the forecast's probe heads ``q[:, ::s]`` (``1``: every head).
+
+    The largest ``s <= q_heads // PROBE_HEADS`` that divides ``q_heads`` and divides, or
+    is a multiple of, the GQA group ``q_heads // kv_heads`` (so the probe heads keep their
+    own key heads).
+    """
+    group = q_heads // kv_heads
+    stride = max(1, q_heads // PROBE_HEADS)
+    while stride > 1 and (q_heads % stride or (group % stride and stride % group)):
+        stride -= 1
+    return stride
+
+
+def forecast_density(
+    q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float | None = None
+) -> tuple[Tensor, PatternStage | None]:
+    """``[B, Hq]`` float32 forecast of each head's mask density, from a few probe heads.
+
+    The pattern stage (:func:`pattern_stage`) of the query heads ``0, s, 2s, ...``
+    (``s = probe_stride``; about :data:`PROBE_HEADS` of them) with their own key heads;
+    query head ``h`` gets the forecast of probe head ``h - h % s``. A dense verdict then
+    costs about ``1/s`` of the pattern stage. With ``s = 1`` the probe is every head and
+    its stage is returned for the selection to reuse (else ``None``).
+    """
+    q_heads, kv_heads = q.shape[1], k.shape[1]
+    stride = probe_stride(q_heads, kv_heads)
+    if stride == 1:
+        stage = pattern_stage(q, k, config, scale)
+        return stage.predicted_density(), stage
+    group = q_heads // kv_heads
+    k_probe = k[:, :: stride // group] if stride > group else k
+    probe = pattern_stage(q[:, ::stride], k_probe, config, scale)
+    return probe.predicted_density().repeat_interleave(stride, dim=1), None
 
 
 def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> TritonSelection:

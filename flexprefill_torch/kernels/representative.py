@@ -246,9 +246,12 @@ def slash_origin(q_len: int, kv_len: int, block_size: int) -> tuple[int, int]:
     return rem, origin
 
 
-TUNING: dict[str, int] = {"tile_elems": 16384, "programs": 512, "num_warps": 4, "num_stages": 2}
+TUNING: dict[str, int] = {
+    "tile_elems": 16384, "programs": 512, "num_warps": 4, "num_stages": 2, "mass_cells": 4096, "mass_warps": 4,
+}
 """Launch parameters of :func:`_tile_kernel`: key-tile size ``BLOCK_R × BLOCK_N`` (elements),
-target program count (split-K), warps and pipeline stages. Chosen on an H200 with
+target program count (split-K), warps and pipeline stages; of :func:`_mass_kernel`, the
+statistics per program (``blocks × BLOCK_R``) and warps. Chosen on an H200 with
 ``benchmarks/kernel_tuning.py``, which overrides them to measure candidates."""
 
 
@@ -301,12 +304,12 @@ def representative_attention(
         INTERPRETED=interp, num_warps=TUNING["num_warps"] if block_r * block_n >= TUNING["tile_elems"] else 4,
         num_stages=TUNING["num_stages"],
     )
-    blocks = next_pow2(n_kv, 1) if interp else max(1, min(next_pow2(n_kv, 1), 4096 // block_r))
+    blocks = next_pow2(n_kv, 1) if interp else max(1, min(next_pow2(n_kv, 1), TUNING["mass_cells"] // block_r))
     true_blocks = torch.empty(batch, q_heads, n_kv, device=dev, dtype=torch.float32)
     parts = torch.empty(batch, q_heads, n_kv, 3, device=dev, dtype=torch.float32)
     launch(_mass_kernel)[(bh, -(-n_kv // blocks))](
         stats, lse, true_blocks, parts, r, n_kv, n_splits, 1.0 / r,
-        BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits), BLOCKS=blocks, num_warps=4,
+        BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits), BLOCKS=blocks, num_warps=TUNING["mass_warps"],
     )
     return true_blocks, parts, k_pool, k_bad
 

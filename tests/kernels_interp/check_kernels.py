@@ -441,3 +441,37 @@ def test_predicted_density_and_early_dense_exit(spread):
     )
     assert not info.sparse and info.predicted_density is not None
     torch.testing.assert_close(out, dense_causal_attention(q, k, v))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kv_heads=st.integers(1, 16), group=st.integers(1, 12))
+def test_probe_stride(kv_heads, group):
+    from flexprefill_torch.kernels.pipeline import PROBE_HEADS, probe_stride
+
+    q_heads = kv_heads * group
+    stride = probe_stride(q_heads, kv_heads)
+    assert 1 <= stride <= max(1, q_heads // PROBE_HEADS) and q_heads % stride == 0
+    assert group % stride == 0 or stride % group == 0
+    # probe head i (query head i * s) keeps its key head under the probe's own GQA layout
+    probes = q_heads // stride
+    for i in range(probes):
+        own = i * stride // group
+        if stride <= group:
+            assert i // (probes // kv_heads) == own
+        else:
+            assert i * (stride // group) == own
+
+
+@pytest.mark.parametrize("kv_heads, group", [(4, 4), (16, 1), (2, 8)])
+def test_forecast_density_probes(kv_heads, group):
+    from flexprefill_torch.kernels.pipeline import forecast_density, pattern_stage, probe_stride
+
+    config = FlexPrefillConfig(block_size=16, min_budget=16, gamma=0.9)
+    q, k = _qk(1, kv_heads, group, 96, 96, 16, seed=5, spread=3.0)
+    stride = probe_stride(q.shape[1], kv_heads)
+    assert stride == 2
+    predicted, stage = forecast_density(q, k, config)
+    assert stage is None and predicted.shape == (1, q.shape[1])
+    full = pattern_stage(q, k, config).predicted_density()
+    # each probe head's forecast is its own full-stage forecast, shared by the heads it stands for
+    assert torch.equal(predicted, full[:, ::stride].repeat_interleave(stride, dim=1))
