@@ -475,3 +475,12 @@ def test_forecast_density_probes(kv_heads, group):
     full = pattern_stage(q, k, config).predicted_density()
     # each probe head's forecast is its own full-stage forecast, shared by the heads it stands for
     assert torch.equal(predicted, full[:, ::stride].repeat_interleave(stride, dim=1))
+    # the build decides on the probes' mean
+    from flexprefill_torch.selection import build_block_mask
+
+    mean = predicted.mean().item()
+    mask, info = build_block_mask(q, k, config, None, "triton", True, dense_above=mean - 0.01)
+    assert mask is None and not info.sparse and torch.equal(info.predicted_density, predicted)
+    mask, info = build_block_mask(q, k, config, None, "triton", True, dense_above=mean + 0.01)
+    assert mask is not None and info.sparse
+    assert torch.equal(info.density, triton_selection(q, k, config).active.sum((-2, -1)) / info.visible_blocks)
