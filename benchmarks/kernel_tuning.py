@@ -42,7 +42,10 @@ CANDIDATES = {
     "mass": (representative.TUNING, {"mass_cells": [2048, 4096, 8192, 16384], "mass_warps": [2, 4, 8]}),
     "pattern": (pattern.TUNING, {"chunk_cells": [8192, 16384, 32768], "num_warps": [4, 8, 16]}),
     "emit": (emit.TUNING, {"row_cells": [256, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}),
-    "select": (select.TUNING, {"row_cells": [512, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}),
+    "select": (
+        select.TUNING,
+        {"row_cells": [512, 1024, 2048], "num_warps": [2, 4], "row_registers": [0, 64, 80, 96, 128]},
+    ),
     "threshold": (
         select.TUNING,
         {"keep_round": [2, 3], "kept_cells": [8, 16384], "list_cells": [512, 1024]},

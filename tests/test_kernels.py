@@ -60,3 +60,24 @@ def test_launch_key_tells_apart_what_triton_specialises_on():
         _specialisation(0, (x, 16, 0.5), {"BLOCK": 128, "num_warps": 8}),  # launch option
     ]
     assert len({base, *variants}) == len(variants) + 1
+
+
+def test_register_cap_only_on_direct_launches():
+    """The register cap is a launch option of compiled kernels in eager mode only: no cap
+    (``0``), no option while ``make_fx``/``torch.compile`` trace, none when interpreted."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flexprefill_torch.kernels._utils import interpreting, register_cap
+    from flexprefill_torch.kernels.select import _rows_kernel
+
+    expected = {} if interpreting(_rows_kernel) else {"maxnreg": 80}
+    assert register_cap(_rows_kernel, 80) == expected
+    assert register_cap(_rows_kernel, 0) == {}
+    seen = []
+
+    def traced(x):
+        seen.append(register_cap(_rows_kernel, 80))
+        return x + 1
+
+    make_fx(traced)(torch.zeros(2))
+    assert seen == [{}]

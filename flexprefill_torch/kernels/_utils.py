@@ -125,6 +125,19 @@ def launch(kernel: Any) -> Any:
     return launcher
 
 
+def register_cap(kernel: Any, registers: int) -> dict[str, int]:
+    """Launch options capping ``kernel``'s registers per thread at ``registers`` (``0``: none).
+
+    Short, latency-bound kernels are limited by how many programs fit on an SM; fewer
+    registers per thread fit more. Only direct eager launches take the cap: while
+    ``torch.compile`` traces, ``wrap_triton`` does not accept the option, and interpreted
+    kernels have no registers (the cap changes the speed, never a result).
+    """
+    if registers <= 0 or _tracing() or not isinstance(kernel, JITFunction):
+        return {}
+    return {"maxnreg": registers}
+
+
 def device_op(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Register a launcher as the ``torch.library.triton_op`` ``name``.
 

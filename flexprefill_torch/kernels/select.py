@@ -56,6 +56,7 @@ from ._utils import (
     launch,
     mass_threshold,
     next_pow2,
+    register_cap,
     split_gamma,
     top_count,
     top_few,
@@ -366,10 +367,11 @@ def _threshold_kernel(
 
 
 TUNING: dict[str, int] = {
-    "row_cells": 1024, "num_warps": 4, "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
+    "row_cells": 1024, "num_warps": 4, "row_registers": 80, "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
     "fold": 1, "decide_cells": 8192, "keep_round": 3, "kept_cells": 16384, "list_cells": 1024,
 }
-"""Launch parameters: map cells per program (whole rows) and warps of :func:`_rows_kernel`;
+"""Launch parameters: map cells per program (whole rows), warps and register cap
+(:func:`._utils.register_cap`) of :func:`_rows_kernel`;
 of :func:`_threshold_kernel`, the map cells and (at most) scan units per step, warps,
 programs (``0``: one per SM, at most that), the folded scan of ``Lq == Lk`` maps (``1``),
 the map cells per step of its final rows, the round that lists the entries still inside,
@@ -444,6 +446,7 @@ def select_blocks(
         x, base, count, q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
         BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), ROWS=rows, PER_ROW=not global_qa, CAP=cap,
         FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, num_warps=warps,
+        **register_cap(_rows_kernel, TUNING["row_registers"]),
     )
     if not global_qa:
         return active, final_flags
