@@ -367,7 +367,8 @@ def _threshold_kernel(
 
 
 TUNING: dict[str, int] = {
-    "row_cells": 1024, "num_warps": 4, "row_registers": 80, "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
+    "row_cells": 1024, "num_warps": 4, "row_registers": 80,
+    "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
     "fold": 1, "decide_cells": 8192, "keep_round": 3, "kept_cells": 16384, "list_cells": 1024,
 }
 """Launch parameters: map cells per program (whole rows), warps and register cap
