@@ -44,11 +44,15 @@ CANDIDATES = {
     "emit": (emit.TUNING, {"row_cells": [256, 1024, 2048, 4096], "num_warps": [1, 2, 4, 8]}),
     "select": (
         select.TUNING,
-        {"row_cells": [512, 1024, 2048], "num_warps": [2, 4], "row_registers": [0, 64, 80, 96, 128]},
+        {"row_cells": [512, 1024], "num_warps": [2, 4], "row_registers": [0, 80, 128]},
     ),
     "threshold": (
         select.TUNING,
         {"keep_round": [2, 3], "kept_cells": [8, 16384], "list_cells": [512, 1024]},
+    ),
+    "scan": (
+        select.TUNING,
+        {"pass_cells": [2048, 4096, 8192], "pass_rows": [4, 8, 16], "pass_warps": [4, 8]},
     ),
 }
 
@@ -78,7 +82,7 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
     }
     active, _ = fns["threshold"]()
     fns["emit"] = lambda: emit.emit_block_indices(active, q_len, kv_len, b)
-    fns["select"] = fns["threshold"]  # the threshold kernel is part of the selection: both tune it
+    fns["select"] = fns["scan"] = fns["threshold"]  # the threshold kernel is part of the selection
     return fns
 
 

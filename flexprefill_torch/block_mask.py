@@ -50,7 +50,7 @@ def block_mask_from_active(active: Tensor, layout: BlockLayout, use_triton: bool
     if active.is_cuda if use_triton is None else use_triton:  # one Triton pass, no argsort
         from .kernels.emit import emit_block_indices
 
-        kv_num, kv_indices, full_num, full_indices = emit_block_indices(
+        kv_num, kv_indices, full_num, full_indices, offset = emit_block_indices(
             active, layout.q_len, layout.kv_len, layout.block_size
         )
     else:
@@ -58,7 +58,7 @@ def block_mask_from_active(active: Tensor, layout: BlockLayout, use_triton: bool
         full_map = layout.full(device)
         kv_num, kv_indices = indices_from_map(active & ~full_map)
         full_num, full_indices = indices_from_map(active & full_map)
-    offset = torch.full((), layout.offset, device=device, dtype=torch.int64)  # no host copy
+        offset = torch.full((), layout.offset, device=device, dtype=torch.int64)  # no host copy
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_indices,

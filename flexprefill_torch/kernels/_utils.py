@@ -190,6 +190,11 @@ def _to_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+def float32_exponent(value: float) -> int:
+    """The biased exponent field of ``value`` rounded to float32 (pure Python)."""
+    return struct.unpack("I", struct.pack("f", value))[0] >> 23
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
     """The smallest power of two ``>= max(n, minimum)``."""
     return max(minimum, triton.next_power_of_2(max(int(n), 1)))
@@ -263,15 +268,28 @@ def top_few(key, cand, M: tl.constexpr):
     """Same result as :func:`top_count` for a constant ``M``, by ``M`` max-extractions.
 
     Cheaper than the 31-step bisection of :func:`top_count` when ``m`` is small (the min
-    budget is usually a handful of blocks): one int64 max-reduction per kept entry, on
-    ``key << 32 | ~index`` (unique, so ties go to the lower index).
+    budget is usually a handful of blocks). Each step takes one int32 max per row and
+    removes every entry equal to it; the key at which a row's count reaches ``M`` is its
+    crossing ``kappa``. Entries above ``kappa`` are kept, and those equal to it in index
+    order while there is room (the index scan runs only when some row has a tie to break).
     """
-    j = tl.arange(0, key.shape[1])
-    packed = tl.where(cand, (key.to(tl.int64) << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :], -1)
-    taken = tl.zeros_like(cand)
+    keys = tl.where(cand, key, -1)
+    work = keys
+    kappa = tl.full([key.shape[0]], -1, tl.int32)
+    count = tl.zeros([key.shape[0]], dtype=tl.int32)
     for _ in tl.static_range(M):
-        best = tl.max(packed, axis=1)
-        hit = (packed == best[:, None]) & (best >= 0)[:, None]
-        taken = taken | hit
-        packed = tl.where(hit, -1, packed)
+        best = tl.max(work, axis=1)
+        live = count < M
+        kappa = tl.where(live, best, kappa)
+        hit = work == best[:, None]
+        count = tl.where(live & (best >= 0), count + tl.sum(hit.to(tl.int32), axis=1), count)
+        work = tl.where(hit, -1, work)
+    kappa = tl.where(count < M, -1, kappa)  # fewer than M candidates: all of them
+    above = cand & (keys > kappa[:, None])
+    tie = cand & (keys == kappa[:, None])
+    room = M - tl.sum(above.to(tl.int32), axis=1)
+    taken = above | tie
+    if tl.max(tl.sum(tie.to(tl.int32), axis=1) - room, axis=0) > 0:
+        rank = tl.cumsum(tie.to(tl.int32), axis=1)
+        taken = above | (tie & (rank <= room[:, None]))
     return taken

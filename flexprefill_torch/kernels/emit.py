@@ -33,7 +33,7 @@ def _emit_rows(blocks, j, cell_ok, num_ptr, idx_ptr, row, row_ok, out):
 
 @triton.jit
 def _emit_kernel(
-    active_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+    active_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr, offset_ptr,
     q_len, kv_len, n_q_blocks, n_kv_blocks,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, ROWS: tl.constexpr,
 ):
@@ -53,6 +53,8 @@ def _emit_kernel(
     active = visible & (tl.load(active_ptr + out[:, None] + j[None, :], mask=cell_ok, other=0) != 0)
     _emit_rows(active & ~full, j, cell_ok, kv_num_ptr, kv_idx_ptr, row, row_ok, out)
     _emit_rows(active & full, j, cell_ok, full_num_ptr, full_idx_ptr, row, row_ok, out)
+    if (tl.program_id(0) == 0) & (bh == 0):  # the mask_mod's offset (saves a fill kernel)
+        tl.store(offset_ptr, offset.to(tl.int64))
 
 
 TUNING: dict[str, int] = {"row_cells": 1024, "num_warps": 2}
@@ -63,8 +65,8 @@ row) and warps. Chosen on an H200 with ``benchmarks/kernel_tuning.py``."""
 @device_op("flexprefill::emit_block_indices")
 def emit_block_indices(
     active: Tensor, q_len: int, kv_len: int, block_size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``BlockMask.from_kv_blocks`` inputs of an active map.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``BlockMask.from_kv_blocks`` inputs of an active map, and the causal offset.
 
     Args:
         active: ``[B, H, nq, nk]`` bool; blocks outside the causal region are ignored.
@@ -73,7 +75,8 @@ def emit_block_indices(
     Returns:
         ``kv_num_blocks [B, H, nq]``, ``kv_indices [B, H, nq, nk]`` (partial blocks: cut by
         the causal boundary or the sequence end), ``full_kv_num_blocks``,
-        ``full_kv_indices`` (full blocks), all int32.
+        ``full_kv_indices`` (full blocks), all int32; and ``Lk - Lq`` as an int64 scalar
+        tensor (for :func:`..block_mask.causal_mask_mod`).
     """
     check_device(active, _emit_kernel)
     batch, heads, n_q, n_kv = active.shape
@@ -81,10 +84,11 @@ def emit_block_indices(
     idx = torch.empty(batch, heads, n_q, n_kv, device=active.device, dtype=torch.int32)
     full_num = torch.empty_like(num)
     full_idx = torch.empty_like(idx)
+    offset = torch.empty((), device=active.device, dtype=torch.int64)
     block_nk = next_pow2(n_kv)
     rows = next_pow2(n_q, 1) if interpreting(_emit_kernel) else max(1, min(next_pow2(n_q, 1), TUNING["row_cells"] // block_nk))
     launch(_emit_kernel)[(-(-n_q // rows), batch * heads)](
-        active.contiguous(), num, idx, full_num, full_idx, q_len, kv_len, n_q, n_kv,
+        active.contiguous(), num, idx, full_num, full_idx, offset, q_len, kv_len, n_q, n_kv,
         BLOCK=block_size, BLOCK_NK=block_nk, ROWS=rows, num_warps=8 if block_nk >= 2048 else TUNING["num_warps"],
     )
-    return num, idx, full_num, full_idx
+    return num, idx, full_num, full_idx, offset

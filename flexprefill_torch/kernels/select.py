@@ -11,14 +11,18 @@ Kernels (the active map is written once per row, by the rows kernel or by the th
 kernel):
 
 * :func:`_rows_kernel`, one program per (query head, group of query-block rows), the
-  rows in registers as a ``[rows, nk]`` tile: scores, forced blocks (top-``m`` by bisection on the float bits, ties by
-  index), then the final row for vertical-slash heads, per-row query-aware heads and
-  dense heads. For global query-aware heads it writes ``x = Ā/nq`` of the free visible
-  blocks (``-2`` forced, ``-1`` invisible) and the forced mass of the row.
+  rows in registers as a ``[rows, nk]`` tile: scores, forced blocks (the top ``m`` by
+  max-extraction, or by bisection on the float bits for large ``m``; ties by index), then
+  the final row for vertical-slash heads, per-row query-aware heads and dense heads. For
+  global query-aware heads it writes ``x = Ā/nq`` of the free visible blocks (``-2``
+  forced, ``-1`` invisible), the forced mass of the row, and the row's free mass per
+  octave below ``1/nq`` (exact float64 sums: one exponent per bucket).
 * :func:`_threshold_kernel`, one launch: the global γ-crossing of Algorithm 4 over the
   ``nq·nk`` entries of each global query-aware head, then that head's final rows. A radix
   select, weighted by mass, on the float32 bit pattern (non-negative floats order like
-  their bits), 4 bits per round (16 buckets; the last round 3 bits), 8 rounds. The grid
+  their bits), 4 bits per round (16 buckets; the last round 3 bits), rounds 0–7 for bits
+  30..0. The octave sums give the exponent (bits 30..23) at once (:func:`_octave_start`),
+  so rounds 0 and 1 are skipped unless the crossing lies below the octaves summed. The grid
   has one program per SM; the kernel counts the heads that need the threshold on the
   device and gives each ``P = programs // heads`` of them (rows ``p, p + P, ...``; one
   program takes several heads in turn when they outnumber the programs). In each round
@@ -50,6 +54,7 @@ from torch import Tensor
 from ._utils import (
     check_device,
     device_op,
+    float32_exponent,
     float_key,
     gamma_f64,
     interpreting,
@@ -91,10 +96,10 @@ def _strongest(key, visible, min_blocks, FEW: tl.constexpr):
 @triton.jit
 def _rows_kernel(
     logits_ptr, flags_ptr, q_bad_ptr, true_ptr, slash_ptr, vsel_ptr, ssel_ptr, active_ptr, flags_out_ptr,
-    x_ptr, base_ptr, count_ptr,
-    q_len, kv_len, n_q_blocks, n_kv_blocks, min_blocks, max_blocks, gamma_hi, gamma_lo,
+    x_ptr, base_ptr, count_ptr, octave_ptr,
+    q_len, kv_len, n_q_blocks, n_kv_blocks, min_blocks, max_blocks, gamma_hi, gamma_lo, top_exponent,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, ROWS: tl.constexpr,
-    PER_ROW: tl.constexpr, CAP: tl.constexpr, FEW: tl.constexpr,
+    PER_ROW: tl.constexpr, CAP: tl.constexpr, FEW: tl.constexpr, OCTAVES: tl.constexpr,
 ):
     # PER_ROW is also set when the global buffers (x, base) are not allocated
     bh = tl.program_id(1)
@@ -146,6 +151,15 @@ def _rows_kernel(
             tl.store(base_ptr + rows, base, mask=i < n_q_blocks)
             if tl.program_id(0) == 0:  # the barrier counter of _threshold_kernel
                 tl.store(count_ptr + bh, 0)
+            # the threshold's first step: the mass of the free entries per octave below 2^top_exponent
+            octave = tl.minimum(tl.maximum(top_exponent - (float_key(x) >> 23), 0), OCTAVES + 1)
+            octave = tl.where(visible & ~forced, octave, OCTAVES + 1)
+            mass = x.to(tl.float64)
+            buckets = tl.arange(0, 16)[None, :]
+            hist = tl.zeros([ROWS, 16], dtype=tl.float64)
+            for b in tl.static_range(OCTAVES + 1):  # per row, exact: one exponent per bucket (0: none)
+                hist += tl.where(buckets == b, tl.sum(tl.where(octave == b, mass, 0.0), axis=1)[:, None], 0.0)
+            tl.store(octave_ptr + rows[:, None] * 16 + buckets, hist, mask=(i < n_q_blocks)[:, None])
     else:  # vertical-slash: v[j] + max s[g] over the offset groups crossing the block
         lowest = tl.maximum(q_first - k_last, 0) // BLOCK
         highest = tl.maximum(q_last - k_first, 0) // BLOCK
@@ -166,6 +180,39 @@ def _rows_kernel(
         if CAP:
             active = _cap(active, forced, key, max_blocks)
         tl.store(active_ptr + cells, active, mask=in_map)
+
+
+@triton.jit
+def _octave_start(octave_ptr, bh, base, gamma, n_rows, top_exponent,
+                  ROUNDS: tl.constexpr, OCTAVES: tl.constexpr, OCTAVE_ROWS: tl.constexpr):
+    """``(prefix, above, first round)`` of the radix select after the rows kernel's octave sums.
+
+    The rows kernel summed each map row's free mass per octave ``d = top_exponent - exponent``
+    (``1..OCTAVES``; ``0``: none, every entry is below ``2^top_exponent``), exactly, since a
+    bucket holds one exponent. The largest exponent whose mass-above reaches γ is what
+    rounds 0 and 1 (bits 30..23) would find: start at round 2 with it. When the crossing
+    lies below the octaves, start at round 0; when ``base`` alone reaches γ, no round runs
+    and no free entry is taken (prefix ``0x7FFFFFFF``, above every key).
+    """
+    buckets = tl.arange(0, 16)
+    hist = tl.zeros([16], dtype=tl.float64)
+    first = 0
+    while first < n_rows:  # the head's map rows, in a fixed order
+        r = first + tl.arange(0, OCTAVE_ROWS)
+        tile = tl.load(octave_ptr + (bh.to(tl.int64) * n_rows + r)[:, None] * 16 + buckets[None, :],
+                       mask=(r < n_rows)[:, None], other=0.0)
+        hist += tl.sum(tile, axis=0)
+        first += OCTAVE_ROWS
+    reach = (base + tl.cumsum(hist, axis=0)) >= gamma
+    crossing = tl.min(tl.where(reach, buckets, 16), axis=0)  # the mass-above only grows with d
+    found = (crossing >= 1) & (crossing <= OCTAVES)
+    above = tl.where(found, tl.sum(tl.where(buckets < crossing, hist, 0.0), axis=0), 0.0)
+    prefix = tl.where(found, top_exponent - crossing, 0)
+    index = tl.where(found, 2, 0)
+    if base >= gamma:
+        prefix = bh * 0 + 0x7FFFFFFF
+        index = bh * 0 + ROUNDS
+    return prefix.to(tl.int32), above, index
 
 
 @triton.jit
@@ -259,12 +306,12 @@ def _bucket_mass(x_ptr, kept_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blo
 
 @triton.jit
 def _head_threshold(
-    x_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, bh, p, n_progs, n_slots,
-    q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
+    x_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, octave_ptr, bh, p, n_progs, n_slots,
+    q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma, top_exponent,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_P: tl.constexpr,
     ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr, CAP: tl.constexpr,
     ROUNDS: tl.constexpr, FOLD: tl.constexpr, KEEP_ROUND: tl.constexpr, KEPT_CAP: tl.constexpr,
-    LIST_CHUNK: tl.constexpr,
+    LIST_CHUNK: tl.constexpr, OCTAVES: tl.constexpr, OCTAVE_ROWS: tl.constexpr,
 ):
     """Part ``p`` of ``n_progs`` of head ``bh``'s threshold and final rows (rows ``p, p + n_progs, ...``).
 
@@ -282,10 +329,11 @@ def _head_threshold(
     rows_here = tl.cdiv(n_q_blocks, n_progs)  # at most, rows p, p + n_progs, ... (balanced)
     n_units = (n_q_blocks + 1) // 2 if FOLD else n_q_blocks
     units_here = tl.cdiv(n_units, n_progs)  # scan units p, p + n_progs, ...
-    prefix = bh * 0
-    above = tl.zeros([], dtype=tl.float64)
+    prefix, above, index = _octave_start(octave_ptr, bh, base, gamma, n_q_blocks, top_exponent,
+                                         ROUNDS, OCTAVES, OCTAVE_ROWS)
+    first_round = index
     n_kept = bh * 0 + KEPT_CAP + 1  # no list yet
-    for index in range(ROUNDS):
+    while index < ROUNDS:  # (while loops: the interpreter takes no tensor range bounds)
         width = 4 - index // (ROUNDS - 1)  # 4 bits, the last round 3
         shift = 27 - 4 * index + index // (ROUNDS - 1)
         acc = tl.zeros([16], dtype=tl.float64)
@@ -313,10 +361,11 @@ def _head_threshold(
         tl.debug_barrier()
         tl.atomic_add(count_ptr + bh, 1, sem="release")
         arrived = tl.atomic_add(count_ptr + bh, 0, sem="acquire")
-        while arrived < (index + 1) * n_progs:
+        while arrived < (index + 1 - first_round) * n_progs:
             arrived = tl.atomic_add(count_ptr + bh, 0, sem="acquire")
         tl.debug_barrier()
         prefix, above = _advance(prefix, above, base, mine - p * 16, n_progs, gamma, width, BLOCK_P)
+        index += 1
     # this program's rows: forced, or at or above the threshold; then the cap
     j = tl.arange(0, BLOCK_NK)
     first = 0
@@ -336,12 +385,12 @@ def _head_threshold(
 
 @triton.jit
 def _threshold_kernel(
-    x_ptr, flags_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr,
-    n_heads, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma_hi, gamma_lo,
+    x_ptr, flags_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, octave_ptr,
+    n_heads, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma_hi, gamma_lo, top_exponent,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr, ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr,
     CAP: tl.constexpr, ROUNDS: tl.constexpr, FOLD: tl.constexpr, KEEP_ROUND: tl.constexpr,
-    KEPT_CAP: tl.constexpr, LIST_CHUNK: tl.constexpr,
+    KEPT_CAP: tl.constexpr, LIST_CHUNK: tl.constexpr, OCTAVES: tl.constexpr, OCTAVE_ROWS: tl.constexpr,
 ):
     # the heads that need the global threshold (sparse and query-aware), found on the device:
     # P = programs // heads of them each get P programs (one program per head if they outnumber
@@ -359,9 +408,10 @@ def _threshold_kernel(
         bh = tl.sum(tl.where(chosen & (rank == slot), h, 0), axis=0)
         _head_threshold(
             x_ptr, base_ptr, hist_ptr + g * 16, count_ptr, kept_ptr + g.to(tl.int64) * KEPT_CAP, active_ptr,
-            bh, p, n_progs, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
+            octave_ptr, bh, p, n_progs, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
+            top_exponent,
             BLOCK, BLOCK_NK, BLOCK_NQ, BLOCK_P, ROW_CHUNK, COL_CHUNK, DECIDE_ROWS, CAP, ROUNDS, FOLD,
-            KEEP_ROUND, KEPT_CAP, LIST_CHUNK,
+            KEEP_ROUND, KEPT_CAP, LIST_CHUNK, OCTAVES, OCTAVE_ROWS,
         )
         slot += n_slots // n_progs
 
@@ -369,14 +419,15 @@ def _threshold_kernel(
 TUNING: dict[str, int] = {
     "row_cells": 1024, "num_warps": 4, "row_registers": 80,
     "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
-    "fold": 1, "decide_cells": 8192, "keep_round": 3, "kept_cells": 16384, "list_cells": 1024,
+    "fold": 1, "decide_cells": 8192, "keep_round": 3, "kept_cells": 16384, "list_cells": 1024, "octaves": 14,
 }
 """Launch parameters: map cells per program (whole rows), warps and register cap
 (:func:`._utils.register_cap`) of :func:`_rows_kernel`;
 of :func:`_threshold_kernel`, the map cells and (at most) scan units per step, warps,
 programs (``0``: one per SM, at most that), the folded scan of ``Lq == Lk`` maps (``1``),
 the map cells per step of its final rows, the round that lists the entries still inside,
-the room of each program's list (a longer list is not used) and the list entries per step.
+the room of each program's list (a longer list is not used) and the list entries per step;
+the octaves (at most 14) whose mass the rows kernel sums for the threshold's first step.
 Chosen on an H200 with
 ``benchmarks/kernel_tuning.py``, which overrides them."""
 
@@ -442,11 +493,16 @@ def select_blocks(
     cells = TUNING["row_cells"]
     rows = next_pow2(n_q, 1) if interp else max(1, min(next_pow2(n_q, 1), cells // block_nk))
     warps = TUNING["num_warps"] if rows * block_nk >= cells else 4
-    launch(_rows_kernel)[(-(-n_q // rows), bh)](
+    n_row_progs = -(-n_q // rows)
+    octave_sums = torch.empty((bh, n_q, 16) if global_qa else (1,), device=dev, dtype=torch.float64)
+    top_exponent = float32_exponent(1.0 / n_q) + 1  # every x = Ā / nq <= 1 / nq is below 2^top_exponent
+    octaves = TUNING["octaves"]
+    launch(_rows_kernel)[(n_row_progs, bh)](
         logits, flags, q_bad, true_blocks, slash, vertical_selected, slash_selected, active, final_flags,
-        x, base, count, q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
+        x, base, count, octave_sums, q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
+        top_exponent,
         BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), ROWS=rows, PER_ROW=not global_qa, CAP=cap,
-        FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, num_warps=warps,
+        FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, OCTAVES=octaves, num_warps=warps,
         **register_cap(_rows_kernel, TUNING["row_registers"]),
     )
     if not global_qa:
@@ -462,12 +518,13 @@ def select_blocks(
     kept_cap = TUNING["kept_cells"]
     kept = torch.empty(n_slots * kept_cap, device=dev, dtype=torch.float32)
     launch(_threshold_kernel)[(n_slots,)](
-        x, final_flags, base, hist, count, kept, active, bh, n_slots, q_len, kv_len, n_q, n_kv, max_blocks,
-        gamma_hi, gamma_lo,
+        x, final_flags, base, hist, count, kept, active, octave_sums, bh, n_slots, q_len, kv_len, n_q, n_kv,
+        max_blocks, gamma_hi, gamma_lo, top_exponent,
         BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_H=next_pow2(bh),
         BLOCK_P=next_pow2(n_slots), ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, DECIDE_ROWS=decide_rows, CAP=cap,
         ROUNDS=ROUNDS, FOLD=bool(TUNING["fold"]) and q_len == kv_len, KEEP_ROUND=TUNING["keep_round"],
         KEPT_CAP=kept_cap,
-        LIST_CHUNK=min(TUNING["list_cells"], next_pow2(kept_cap)), num_warps=TUNING["pass_warps"],
+        LIST_CHUNK=min(TUNING["list_cells"], next_pow2(kept_cap)), OCTAVES=octaves,
+        OCTAVE_ROWS=min(next_pow2(n_q), 64), num_warps=TUNING["pass_warps"],
     )
     return active, final_flags

@@ -34,7 +34,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from flexprefill_torch.kernels import select, triton_block_mask, triton_selection  # noqa: E402
-from flexprefill_torch.kernels._utils import mass_threshold  # noqa: E402
+from flexprefill_torch.kernels._utils import mass_threshold, top_count, top_few  # noqa: E402
 from flexprefill_torch.kernels.emit import emit_block_indices  # noqa: E402
 from flexprefill_torch.kernels.pattern import head_pattern  # noqa: E402
 from flexprefill_torch.kernels.pool import pool_blocks  # noqa: E402
@@ -128,6 +128,39 @@ def test_mass_threshold_matches_brute_force(seed, levels, gamma):
     _mass_threshold_kernel[(1,)](*tensors, hi, lo, R=rows, N=n)
     expected = _threshold_brute_force(x, cand, base, hi + lo)
     assert tensors[3].cpu().tolist() == expected
+
+
+@triton.jit
+def _top_kernel(key_ptr, cand_ptr, few_ptr, count_ptr, R: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
+    cells = tl.arange(0, R)[:, None] * N + tl.arange(0, N)[None, :]
+    key = tl.load(key_ptr + cells)
+    cand = tl.load(cand_ptr + cells) != 0
+    tl.store(few_ptr + cells, top_few(key, cand, M).to(tl.int32))
+    tl.store(count_ptr + cells, top_count(key, cand, M).to(tl.int32))
+
+
+@settings(max_examples=6 if INTERPRET else 40, deadline=None)
+@given(seed=st.integers(0, 2**16), levels=st.sampled_from([2, 5, 10**6]), m=st.sampled_from([1, 3, 8, 16]))
+def test_top_few_and_top_count(seed, levels, m):
+    """Both keep each row's ``m`` largest candidates, equal keys in index order (a stable
+    descending sort), or every candidate where there are fewer: many ties (few levels),
+    rows with fewer than ``m`` candidates, an empty row."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, n = 8, 64
+    x = torch.randint(0, levels, (rows, n), generator=gen).float() / levels
+    key = x.view(torch.int32)
+    cand = torch.rand(rows, n, generator=gen) < 0.8
+    cand[1, m // 2 + 1:] = False
+    cand[2] = False
+    order = torch.sort(torch.where(cand, key, -1), dim=1, descending=True, stable=True).indices
+    expected = torch.zeros(rows, n, dtype=torch.int32)
+    expected.scatter_(1, order[:, :m], 1)
+    expected &= cand.to(torch.int32)
+    few, count = torch.empty_like(expected), torch.empty_like(expected)
+    tensors = [t.to(DEVICE) for t in (key, cand.to(torch.int32), few, count)]
+    _top_kernel[(1,)](*tensors, R=rows, N=n, M=m)
+    assert torch.equal(tensors[2].cpu(), expected)
+    assert torch.equal(tensors[3].cpu(), expected)
 
 
 # ---------------------------------------------------------------- pooling
@@ -296,14 +329,20 @@ def test_select_blocks(config):
 
 
 @pytest.mark.parametrize(
-    ("kept_cells", "gamma"), [(16384, 0.9), (16384, 0.99), (8, 0.9)], ids=["listed-0.9", "listed-0.99", "list-too-short"]
+    ("kept_cells", "gamma", "octaves"),
+    [(16384, 0.9, 14), (16384, 0.99, 14), (8, 0.9, 14), (16384, 0.9, 1), (16384, 0.05, 14)],
+    ids=["listed-0.9", "listed-0.99", "list-too-short", "below-the-octaves", "forced-reach-gamma"],
 )
-def test_global_threshold_rounds(monkeypatch, kept_cells, gamma):
-    """The global threshold's later radix rounds scan the list of round ``keep_round`` (or
-    the map again when the list would be too long): same map as the reference either way.
+def test_global_threshold_rounds(monkeypatch, kept_cells, gamma, octaves):
+    """The global threshold starts from the rows kernel's octave sums (round 2), or from
+    round 0 when the crossing lies below the octaves summed, or runs no round when the
+    forced blocks alone reach γ; its later radix rounds scan the list of round
+    ``keep_round`` (or the map again when the list would be too long): same map as the
+    reference every way.
 
     (γ = 0.9 and 0.99 on this input: a list scan with its masses scaled by 0.9 fails both.)"""
     monkeypatch.setitem(select.TUNING, "kept_cells", kept_cells)
+    monkeypatch.setitem(select.TUNING, "octaves", octaves)
     config = FlexPrefillConfig(block_size=16, min_budget=16, tau=1.0, gamma=gamma)
     q, k = _qk(1, 2, 2, 512, 512, 32, spread=3.0, seed=5)
     layout, _, _, q_bad, _, true_blocks, logits, outs = _stages(q, k, config)
@@ -324,7 +363,8 @@ def test_emit_block_indices(q_len, kv_len, block):
     layout = BlockLayout(q_len, kv_len, block)
     gen = torch.Generator().manual_seed(q_len)
     active = (torch.rand(2, 3, layout.num_q_blocks, layout.num_kv_blocks, generator=gen) < 0.5).to(DEVICE)
-    num, idx, full_num, full_idx = emit_block_indices(active, q_len, kv_len, block)
+    num, idx, full_num, full_idx, offset = emit_block_indices(active, q_len, kv_len, block)
+    assert offset.dtype == torch.int64 and offset.shape == () and offset.item() == kv_len - q_len
     visible, full = layout.visible(DEVICE), layout.full(DEVICE)
     ref_num, ref_idx = indices_from_map(active & visible & ~full)
     ref_full_num, ref_full_idx = indices_from_map(active & visible & full)
