@@ -63,9 +63,9 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim)
-    true_blocks, parts, k_pool, k_bad = representative.representative_attention(q, k, b, scale)
+    true_blocks, parts, k_pool = representative.representative_attention(q, k, b, scale)
     def pattern_fn():
-        return pattern.head_pattern(q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale, config.tau, config.gamma)
+        return pattern.head_pattern(q, k_pool, true_blocks, parts, b, kv_len, scale, config.tau, config.gamma)
 
     _, slash, _, flags, vsel, ssel, _ = pattern_fn()
     q_pool, q_bad = pool.pool_blocks(q, b, scale, flags)

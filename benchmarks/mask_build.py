@@ -65,9 +65,9 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim)
-    true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
+    true_blocks, parts, k_pool = representative_attention(q, k, b, scale)
     est, slash, js, flags, vsel, ssel, _ = head_pattern(
-        q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale, config.tau, config.gamma
+        q, k_pool, true_blocks, parts, b, kv_len, scale, config.tau, config.gamma
     )
     q_pool, q_bad = pool_blocks(q, b, scale, flags)
     n_q = q_pool.shape[2]
@@ -84,7 +84,7 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
     active = select_fn()
     out = {
         "representative+pool k": cuda_graph_ms(lambda: representative_attention(q, k, b, scale)),
-        "pattern": cuda_graph_ms(lambda: head_pattern(q, k_pool, true_blocks, parts, k_bad, b, kv_len, scale,
+        "pattern": cuda_graph_ms(lambda: head_pattern(q, k_pool, true_blocks, parts, b, kv_len, scale,
                                                    config.tau, config.gamma)),
         "pool q (query-aware)": cuda_graph_ms(lambda: pool_blocks(q, b, scale, flags)),
         "logits matmul": cuda_graph_ms(logits_fn),

@@ -3,7 +3,8 @@
 Must match, in ``reference.flex_prefill_reference``: the estimate ``ā`` (softmax of
 ``scale · mean(Q̂) · K̄ᵀ``), ``reference.pool_slash`` (from the per-block parts of
 :mod:`.representative`), ``reference.js_distance`` (in float64, as there), the pattern ``D_JS < τ``, the dense
-fallback flag (non-finite ``D_JS`` or pooled keys, or ``γ = 1``; the pooled queries
+fallback flag (non-finite ``D_JS`` or pooled keys, counted here as they are read, or
+``γ = 1``; the pooled queries
 are checked later, by :mod:`.select`, for query-aware heads only) and the two
 ``reference.cumulative_select`` calls of step 5 (columns with the sink column forced;
 offset groups).
@@ -43,7 +44,7 @@ SPARSE = 2
 
 @triton.jit
 def _pattern_kernel(
-    q_ptr, k_pool_ptr, true_ptr, parts_ptr, k_bad_ptr,
+    q_ptr, k_pool_ptr, true_ptr, parts_ptr,
     est_ptr, slash_ptr, js_ptr, flags_ptr, vsel_ptr, ssel_ptr, density_ptr,
     q_heads, group, q_len, dim, r, n_kv_blocks, origin, scale, inv_r, tau,
     gamma_hi, gamma_lo, sparse_allowed,
@@ -67,6 +68,7 @@ def _pattern_kernel(
     q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
               + (q_len - r + rows).to(tl.int64)[:, None] * stride_ql)
     logits = tl.zeros([BLOCK_NK], dtype=tl.float32)
+    k_bad = bh * 0  # non-finite entries of the pooled keys
     for d0 in range(0, BLOCK_D, D_CHUNK):
         cols = d0 + tl.arange(0, D_CHUNK)
         col_ok = cols < dim
@@ -76,6 +78,7 @@ def _pattern_kernel(
         kp = tl.load(k_pool_ptr + (bkv.to(tl.int64) * n_kv_blocks + j[:, None]) * dim + cols[None, :],
                      mask=j_ok[:, None] & col_ok[None, :], other=0.0)
         logits += tl.sum(kp * q_mean[None, :], axis=1)
+        k_bad += tl.sum(tl.sum((~(tl.abs(kp) < float("inf"))).to(tl.int32), axis=1), axis=0)
     logits = tl.where(j_ok, logits, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=0))
     est = e / tl.sum(e, axis=0)
@@ -101,7 +104,6 @@ def _pattern_kernel(
     js = tl.sqrt(jsd).to(tl.float32)
     tl.store(js_ptr + bh, js)
 
-    k_bad = tl.sum(tl.load(k_bad_ptr + bkv.to(tl.int64) * n_kv_blocks + j, mask=j_ok, other=0), axis=0)
     finite = (tl.abs(js) < float("inf")) & (k_bad == 0) & (sparse_allowed != 0)
     flags = tl.where(js < tau, 1, 0) + tl.where(finite, 2, 0)
     tl.store(flags_ptr + bh, flags.to(tl.int32))
@@ -138,7 +140,6 @@ def head_pattern(
     k_pool: Tensor,
     true_blocks: Tensor,
     parts: Tensor,
-    k_bad: Tensor,
     block_size: int,
     kv_len: int,
     scale: float,
@@ -150,8 +151,7 @@ def head_pattern(
     Args:
         q: ``[B, Hq, Lq, D]`` (only the last ``r = min(b, Lq)`` rows are read).
         k_pool: ``[B, Hkv, nk, D]`` float32 pooled keys; true_blocks: ``[B, Hq, nk]`` ``â``;
-        parts: ``[B, Hq, nk, 3]`` from :func:`.representative.representative_attention`;
-        k_bad: ``[B, Hkv, nk]`` non-finite counts of the pooled keys.
+        parts: ``[B, Hq, nk, 3]`` from :func:`.representative.representative_attention`.
         block_size, kv_len: ``b`` and ``Lk``; scale, tau, gamma: as in the config.
 
     Returns:
@@ -181,7 +181,7 @@ def head_pattern(
     block_d = next_pow2(dim)
     gamma_hi, gamma_lo = split_gamma(gamma)
     launch(_pattern_kernel)[(batch * q_heads,)](
-        q, k_pool, true_blocks, parts, k_bad, estimate, slash, js, flags, vsel, ssel, density,
+        q, k_pool, true_blocks, parts, estimate, slash, js, flags, vsel, ssel, density,
         q_heads, q_heads // kv_heads, q_len, dim, r, n_kv, origin, scale, 1.0 / r, tau,
         gamma_hi, gamma_lo, int(gamma < 1.0), *q.stride(),
         BLOCK_NK=block_nk, BLOCK_R=next_pow2(r), BLOCK_D=block_d,

@@ -120,9 +120,9 @@ def pattern_stage(q: Tensor, k: Tensor, config: FlexPrefillConfig, scale: float 
     b = config.block_size
     layout = BlockLayout(q.shape[-2], k.shape[-2], b)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    true_blocks, parts, k_pool, k_bad = representative_attention(q, k, b, scale)
+    true_blocks, parts, k_pool = representative_attention(q, k, b, scale)
     estimate, slash, js, flags, vsel, ssel, density = head_pattern(
-        q, k_pool, true_blocks, parts, k_bad, b, layout.kv_len, scale, config.tau, config.gamma
+        q, k_pool, true_blocks, parts, b, layout.kv_len, scale, config.tau, config.gamma
     )
     return PatternStage(layout, q, scale, k_pool, true_blocks, estimate, slash, js, flags, vsel, ssel, density)
 

@@ -66,12 +66,15 @@ def _load_queries(q_ptr, bh, q_heads, q_len, dim, r, stride_qb, stride_qh, strid
 
 @triton.jit
 def _key_block(
-    m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j, pool_here, kv_len, dim, r, rem,
+    m_split, l_split, q, k_base, k_pool_ptr, stats_ptr, bh, bkv, j, pool_here, kv_len, dim, r, rem,
     n_kv_blocks, qk_scale, stride_kl, stride_kd,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP32_DOT: tl.constexpr, FULL_D: tl.constexpr, THIRD_GROUP: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Store the statistics of key block ``j`` (and its pooled key); add it to the split's ``(max, sum)``.
+
+    No reduction across the program's warps: those wait for every warp at each block (the
+    pooled key is row 0 of its tensor-core column sums, stored as it lies).
 
     ``MASKED``: the block may hold keys past the end or later than some row's position
     (only the last block or two); the other blocks skip every mask. ``FULL_D``: ``dim`` is
@@ -88,7 +91,7 @@ def _key_block(
     l0 = tl.zeros([BLOCK_R], dtype=tl.float32)
     l1 = tl.zeros([BLOCK_R], dtype=tl.float32)
     l2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-    k_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    k_sum = tl.zeros([16, BLOCK_D], dtype=tl.float32)  # row 0: the column sums (no reduction)
     for c_first in tl.static_range(0, BLOCK, BLOCK_N):
         c = c_first + tl.arange(0, BLOCK_N)
         keys = j * BLOCK + c
@@ -101,9 +104,9 @@ def _key_block(
             kt = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
         if pool_here:  # column sums on the tensor cores: row 0 of ones(0-th row) @ kt
             if FP32_DOT:
-                k_sum += tl.sum(tl.dot(first_row, kt.to(tl.float32), input_precision="ieee"), axis=0)
+                k_sum = tl.dot(first_row, kt.to(tl.float32), k_sum, input_precision="ieee")
             else:
-                k_sum += tl.sum(tl.dot(first_row, kt), axis=0)
+                k_sum = tl.dot(first_row, kt, k_sum)
         if FP32_DOT:
             raw = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
         else:
@@ -135,10 +138,9 @@ def _key_block(
     tl.store(out + 3 * BLOCK_R, l2)
     # masked stores, not a branch: a branch here costs the loop its pipelining
     count = tl.maximum(tl.minimum(kv_len - j * BLOCK, BLOCK), 1).to(tl.float32)
-    mean = k_sum / count
-    tl.store(k_pool_ptr + (bkv * n_kv_blocks + j) * dim + cols, mean, mask=col_ok & pool_here)
-    bad = tl.sum((col_ok & ~(tl.abs(mean) < float("inf"))).to(tl.int32), axis=0)
-    tl.store(k_bad_ptr + bkv * n_kv_blocks + j, bad, mask=pool_here)
+    row0 = (tl.arange(0, 16) == 0)[:, None]
+    tl.store(k_pool_ptr + (bkv * n_kv_blocks + j) * dim + cols[None, :] + 0 * tl.arange(0, 16)[:, None],
+             k_sum / count, mask=row0 & col_ok[None, :] & pool_here)
     # running log-sum-exp (base 2) of the split
     top = tl.maximum(m_split, m)
     top_ref = tl.where(top == float("-inf"), 0.0, top)
@@ -147,7 +149,7 @@ def _key_block(
 
 @triton.jit
 def _tile_kernel(
-    q_ptr, k_ptr, stats_ptr, lse_ptr, k_pool_ptr, k_bad_ptr,
+    q_ptr, k_ptr, stats_ptr, lse_ptr, k_pool_ptr,
     q_heads, group, q_len, kv_len, dim, r, n_kv_blocks, n_clean, n_splits, rem, scale,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -177,22 +179,22 @@ def _tile_kernel(
     if INTERPRETED:  # the interpreter takes no tensor bounds in range(): while loops, same blocks
         j = j0
         while j < j_mid:
-            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, stats_ptr, bh, bkv, j,
                                           pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
                                           BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, False)
             j += 1
         while j < j_end:
-            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, stats_ptr, bh, bkv, j,
                                           pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
                                           BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, True)
             j += 1
     else:
         for j in range(j0, j_mid):
-            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, stats_ptr, bh, bkv, j,
                                           pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
                                           BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, False)
         for j in range(j_mid, j_end):
-            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, k_bad_ptr, stats_ptr, bh, bkv, j,
+            m_split, l_split = _key_block(m_split, l_split, q, k_base, k_pool_ptr, stats_ptr, bh, bkv, j,
                                           pool_here, kv_len, dim, r, rem, n_kv_blocks, qk_scale, stride_kl, stride_kd,
                                           BLOCK, BLOCK_R, BLOCK_N, BLOCK_D, FP32_DOT, FULL_D, THIRD_GROUP, True)
     lse = tl.where(l_split > 0.0, m_split + tl.log2(tl.where(l_split > 0.0, l_split, 1.0)), float("-inf"))
@@ -258,7 +260,7 @@ statistics per program (``blocks × BLOCK_R``) and warps. Chosen on an H200 with
 @device_op("flexprefill::representative_attention")
 def representative_attention(
     q: Tensor, k: Tensor, block_size: int, scale: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """``â``, the per-block slash parts, and the pooled keys.
 
     Args:
@@ -269,8 +271,8 @@ def representative_attention(
         ``true_blocks [B, Hq, nk]`` float32, ``â`` of ``reference.representative_attention``;
         ``parts [B, Hq, nk, 3]`` float32: ``parts[j, d]`` is the mean mass of key block ``j``
         in offset group ``C - j + d`` (see :func:`slash_origin`, :func:`slash_from_parts`);
-        ``k_pool [B, Hkv, nk, D]`` float32 (``reference.pool_blocks(k)``) and
-        ``k_bad [B, Hkv, nk]`` int32, the non-finite entries of each pooled key.
+        ``k_pool [B, Hkv, nk, D]`` float32 (``reference.pool_blocks(k)``; its non-finite
+        entries are counted by :func:`.pattern.head_pattern`).
     """
     check_device(q, _tile_kernel)
     batch, q_heads, q_len, dim = q.shape
@@ -295,9 +297,8 @@ def representative_attention(
     stats = torch.empty(bh, n_kv, 4, block_r, device=dev, dtype=torch.float32)
     lse = torch.empty(bh, n_splits, block_r, device=dev, dtype=torch.float32)
     k_pool = torch.empty(batch, kv_heads, n_kv, dim, device=dev, dtype=torch.float32)
-    k_bad = torch.empty(batch, kv_heads, n_kv, device=dev, dtype=torch.int32)
     launch(_tile_kernel)[(bh, n_splits)](
-        q, k, stats, lse, k_pool, k_bad, q_heads, group, q_len, kv_len, dim, r, n_kv, n_clean, n_splits, rem, scale,
+        q, k, stats, lse, k_pool, q_heads, group, q_len, kv_len, dim, r, n_kv, n_clean, n_splits, rem, scale,
         *q.stride(), *k.stride(),
         BLOCK=block_size, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCKS_PER_SPLIT=per_split, FP32_DOT=fp32_dot, FULL_D=dim == block_d, THIRD_GROUP=rem >= block_size + 2 - r,
@@ -311,7 +312,7 @@ def representative_attention(
         stats, lse, true_blocks, parts, r, n_kv, n_splits, 1.0 / r,
         BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits), BLOCKS=blocks, num_warps=TUNING["mass_warps"],
     )
-    return true_blocks, parts, k_pool, k_bad
+    return true_blocks, parts, k_pool
 
 
 def slash_from_parts(parts: Tensor, q_len: int, kv_len: int, block_size: int) -> Tensor:
