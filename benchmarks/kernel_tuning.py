@@ -6,7 +6,8 @@ Usage::
     python benchmarks/kernel_tuning.py --lengths 32768 --out results.json
 
 For every candidate of each kernel's ``TUNING`` dict (``kernels/representative.py``,
-``kernels/pool.py``, ``kernels/pattern.py``, ``kernels/select.py``, ``kernels/emit.py``) it replays the kernel as a
+``kernels/pool.py``, ``kernels/logits.py``, ``kernels/pattern.py``, ``kernels/select.py``,
+``kernels/emit.py``) it replays the kernel as a
 CUDA graph (GPU time, no launch overhead), checks that the outputs equal those of the
 current defaults, prints a table and saves JSON. Shapes: B=1, Hq=32, Hkv=8, D=128, bf16,
 the structured workload (``--workload gaussian``: the input of ``mask_build.py``), default
@@ -26,7 +27,8 @@ import torch
 from mask_build import make_inputs
 
 from flexprefill_torch.config import FlexPrefillConfig
-from flexprefill_torch.kernels import emit, pattern, pool, representative, select
+from flexprefill_torch.kernels import emit, logits, pattern, pool, representative, select
+from flexprefill_torch.layout import BlockLayout
 from flexprefill_torch.synthetic import structured_qkv
 from flexprefill_torch.timing import cuda_graph_ms
 
@@ -38,6 +40,11 @@ CANDIDATES = {
     "pool": (
         pool.TUNING,
         {"load_elems": [8192, 16384, 32768], "num_warps": [4, 8], "dot_sum": [0, 1], "blocks_per_prog": [1, 2, 4]},
+    ),
+    "logits": (
+        logits.TUNING,
+        {"block_m": [32, 64], "block_n": [32, 64], "block_k": [32, 64, 128], "num_warps": [4, 8],
+         "num_stages": [1, 3]},
     ),
     "mass": (representative.TUNING, {"mass_cells": [2048, 4096, 8192, 16384], "mass_warps": [2, 4, 8]}),
     "pattern": (pattern.TUNING, {"chunk_cells": [8192, 16384, 32768], "num_warps": [4, 8, 16]}),
@@ -61,7 +68,7 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
     """A zero-argument callable per kernel (its inputs precomputed with the defaults)."""
     b = config.block_size
     batch, heads, q_len, dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
+    kv_len = k.shape[2]
     scale = 1.0 / math.sqrt(dim)
     true_blocks, parts, k_pool = representative.representative_attention(q, k, b, scale)
     def pattern_fn():
@@ -69,14 +76,19 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
 
     _, slash, _, flags, vsel, ssel, _ = pattern_fn()
     q_pool, q_bad = pool.pool_blocks(q, b, scale, flags)
-    logits = torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT).view(batch, heads, q_pool.shape[2], -1)
+
+    def logits_fn():
+        return logits.block_logits(q_pool, k_pool, flags, q_len, kv_len, b)
+
+    block_logits = logits_fn()
     fns = {
         "representative": lambda: representative.representative_attention(q, k, b, scale),
         "mass": lambda: representative.representative_attention(q, k, b, scale),  # tile + mass kernels
         "pattern": pattern_fn,
         "pool": lambda: pool.pool_blocks(q, b, scale),
+        "logits": logits_fn,
         "threshold": lambda: select.select_blocks(
-            logits, flags, q_bad, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
+            block_logits, flags, q_bad, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
             config.min_blocks, -1, False, config.tau > 0,
         ),
     }
@@ -86,13 +98,24 @@ def stage_fns(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> di
     return fns
 
 
-def same(a, b) -> bool:
+def defined_logits(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (block logits) with the cells that ``block_logits`` leaves unwritten set to 0."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    true_blocks, parts, k_pool = representative.representative_attention(q, k, config.block_size, scale)
+    flags = pattern.head_pattern(q, k_pool, true_blocks, parts, config.block_size, k.shape[2], scale, config.tau,
+                                 config.gamma)[3]
+    visible = BlockLayout(q.shape[2], k.shape[2], config.block_size).visible(q.device)
+    defined = ((flags & 3) == 3)[:, :, None, None] & visible
+    return out.masked_fill(~defined, 0.0)
+
+
+def same(a, b, atol: float = 1e-9) -> bool:
     """Outputs equal (floats to 1e-5 relative: split-K changes the summation order)."""
     a = a if isinstance(a, tuple) else (a,)
     b = b if isinstance(b, tuple) else (b,)
     for x, y in zip(a, b, strict=True):
         if x.dtype.is_floating_point:
-            if not torch.allclose(x, y, rtol=1e-5, atol=1e-9):
+            if not torch.allclose(x, y, rtol=1e-5, atol=atol):
                 return False
         elif not torch.equal(x, y):
             return False
@@ -117,11 +140,16 @@ def main() -> None:
         for name in args.kernels:
             tuning, grid = CANDIDATES[name]
             defaults = dict(tuning)
-            expected = stage_fns(q, k, config)[name]()
+
+            def comparable(out, name=name, q=q, k=k):
+                return defined_logits(q, k, config, out) if name == "logits" else out
+
+            expected = comparable(stage_fns(q, k, config)[name]())
             for values in itertools.product(*grid.values()):
                 tuning.update(zip(grid, values, strict=True))
                 fn = stage_fns(q, k, config)[name]
-                ok = same(fn(), expected)
+                # (the logits' head-dimension chunks change their rounding: absolute 1e-6)
+                ok = same(comparable(fn()), expected, 1e-6 if name == "logits" else 1e-9)
                 ms = cuda_graph_ms(fn)
                 rows.append({"kernel": name, "seq_len": length, "params": dict(tuning), "ms": ms, "same": ok})
                 print(f"{name:15s} {length:7d} {ms:8.4f} ms  same={ok}  {dict(tuning)}", flush=True)

@@ -35,6 +35,7 @@ from triton.testing import do_bench
 from flexprefill_torch.attention import run_flex_attention
 from flexprefill_torch.config import FlexPrefillConfig
 from flexprefill_torch.kernels.emit import emit_block_indices
+from flexprefill_torch.kernels.logits import block_logits
 from flexprefill_torch.kernels.pattern import head_pattern
 from flexprefill_torch.kernels.pipeline import triton_block_mask, triton_selection
 from flexprefill_torch.kernels.pool import pool_blocks
@@ -63,7 +64,7 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
     """Milliseconds per stage (each replayed alone as a CUDA graph) and of the whole build."""
     b = config.block_size
     batch, heads, q_len, dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
+    kv_len = k.shape[2]
     scale = 1.0 / math.sqrt(dim)
     true_blocks, parts, k_pool = representative_attention(q, k, b, scale)
     est, slash, js, flags, vsel, ssel, _ = head_pattern(
@@ -73,9 +74,9 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
     n_q = q_pool.shape[2]
 
     def logits_fn():
-        return torch.matmul(q_pool.view(batch, kv_heads, -1, dim), k_pool.mT)
+        return block_logits(q_pool, k_pool, flags, q_len, kv_len, b)
 
-    logits = logits_fn().view(batch, heads, n_q, -1)
+    logits = logits_fn()
 
     def select_fn():
         return select_blocks(logits, flags, q_bad, true_blocks, slash, vsel, ssel, q_len, kv_len, b, config.gamma,
@@ -87,7 +88,7 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
         "pattern": cuda_graph_ms(lambda: head_pattern(q, k_pool, true_blocks, parts, b, kv_len, scale,
                                                    config.tau, config.gamma)),
         "pool q (query-aware)": cuda_graph_ms(lambda: pool_blocks(q, b, scale, flags)),
-        "logits matmul": cuda_graph_ms(logits_fn),
+        "logits": cuda_graph_ms(logits_fn),
         "select": cuda_graph_ms(select_fn),
         "emit": cuda_graph_ms(lambda: emit_block_indices(active, q_len, kv_len, b)),
     }

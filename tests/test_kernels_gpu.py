@@ -88,6 +88,22 @@ def test_threshold_kernel_program_counts_agree(cuda, monkeypatch, max_budget):
     assert torch.equal(maps[0], maps[1]) and torch.equal(maps[0], maps[2])
 
 
+def test_block_logits_tf32x3(cuda):
+    """The tensor-core (3×TF32) block logits are float32 products to ~1e-6 relative."""
+    from flexprefill_torch.kernels.logits import block_logits
+
+    q_pool = torch.randn(1, 8, 256, 128, device="cuda") * 0.3
+    k_pool = torch.randn(1, 2, 256, 128, device="cuda")
+    flags = torch.full((1, 8), 3, dtype=torch.int32, device="cuda")
+    logits = block_logits(q_pool, k_pool, flags, 32768, 32768, 128)
+    exact = (q_pool.double() @ k_pool.double().repeat_interleave(4, 1).mT)
+    visible = BlockLayout(32768, 32768, 128).visible("cuda")
+    bound = (q_pool.double().abs() @ k_pool.double().abs().repeat_interleave(4, 1).mT)  # Σ|q_d k_d|
+    error = ((logits.double() - exact).abs() / bound)[..., visible]
+    print(f"\nblock logits: max error {float(error.max()):.2e} of Σ|q·k|")
+    assert float(error.max()) < 2e-6
+
+
 def test_pool_tensor_core_sums(cuda):
     """16-bit pooling (column sums on the tensor cores) matches the reference; inf is flagged."""
     from flexprefill_torch.kernels.pool import pool_blocks

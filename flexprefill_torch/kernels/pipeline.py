@@ -13,8 +13,8 @@ synchronisation, no data-dependent Python branch, no loop over batch or heads):
    (:func:`forecast_density`) and skips the rest when the mask would be too dense to pay;
 3. :func:`.pool.pool_blocks` of ``q`` times the scale, for the sparse query-aware heads
    only (no other head uses ``Q̄``: the others are not read);
-4. ``scale · Q̄ · K̄ᵀ``: one batched float32 ``torch.matmul`` (cuBLAS; GQA by a view, no
-   copy of the keys);
+4. :func:`.logits.block_logits`, ``scale · Q̄ · K̄ᵀ`` (float32) of the sparse query-aware
+   heads, on their causally visible blocks only (the cells step 5 reads);
 5. :func:`.select.select_blocks` (block rules, query-aware selection, line extension, cap,
    and the dense fallback of query-aware heads with a non-finite pooled query);
 6. optionally :func:`.emit.emit_block_indices` (``from_kv_blocks`` inputs).
@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..block_mask import block_mask_from_active
 from ..config import FlexPrefillConfig
 from ..layout import BlockLayout
+from .logits import block_logits
 from .pattern import QUERY_AWARE, SPARSE, head_pattern
 from .pool import pool_blocks
 from .representative import representative_attention
@@ -171,11 +171,7 @@ def selection_from_pattern(stage: PatternStage, config: FlexPrefillConfig) -> Tr
     """Query pooling, block logits and block selection (steps 3–5) after :func:`pattern_stage`."""
     layout = stage.layout
     q_pool, q_bad = pool_blocks(stage.q, layout.block_size, stage.scale, stage.flags)  # scale * Q̄
-    batch, kv_heads, n_kv, dim = stage.k_pool.shape
-    q_heads, n_q = q_pool.shape[1], q_pool.shape[2]
-    group = q_heads // kv_heads
-    logits = torch.matmul(q_pool.view(batch, kv_heads, group * n_q, dim), stage.k_pool.mT)
-    logits = logits.view(batch, q_heads, n_q, n_kv)
+    logits = block_logits(q_pool, stage.k_pool, stage.flags, layout.q_len, layout.kv_len, layout.block_size)
     max_blocks = -1 if config.max_blocks is None else config.max_blocks
     active, flags = select_blocks(
         logits,

@@ -36,6 +36,7 @@ import triton.language as tl  # noqa: E402
 from flexprefill_torch.kernels import select, triton_block_mask, triton_selection  # noqa: E402
 from flexprefill_torch.kernels._utils import mass_threshold, top_count, top_few  # noqa: E402
 from flexprefill_torch.kernels.emit import emit_block_indices  # noqa: E402
+from flexprefill_torch.kernels.logits import block_logits  # noqa: E402
 from flexprefill_torch.kernels.pattern import head_pattern  # noqa: E402
 from flexprefill_torch.kernels.pool import pool_blocks  # noqa: E402
 from flexprefill_torch.kernels.representative import representative_attention, slash_from_parts  # noqa: E402
@@ -237,6 +238,36 @@ def _stages(q, k, config):
     outs = head_pattern(q, k_pool, true_blocks, parts, config.block_size, k.shape[2], scale,
                         config.tau, config.gamma)
     return layout, scale, q_pool, q_bad, k_pool, true_blocks, logits, outs
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "block"), [(100, 100, 32), (90, 130, 16), (20, 300, 16)])
+def test_block_logits(monkeypatch, q_len, kv_len, block):
+    """``Q̄ · K̄ᵀ`` on the visible blocks of the sparse query-aware heads; the other heads are not written."""
+    q, k = _qk(1, 2, 3, q_len, kv_len, 32, seed=q_len)
+    layout = BlockLayout(q_len, kv_len, block)
+    q_pool, _ = pool_blocks(q, block, 0.25)
+    _, _, k_pool = representative_attention(q, k, block, 0.25)
+    flags = torch.tensor([[3, 1, 2, 3, 0, 3]], dtype=torch.int32, device=DEVICE)  # heads 0, 3, 5 are read
+    sentinel = 12345.0
+    shape = (1, 6, layout.num_q_blocks, layout.num_kv_blocks)
+    empty = torch.empty
+
+    def filled(*size, **kwargs):  # the kernel's output buffer starts as the sentinel
+        return torch.full(shape, sentinel, device=DEVICE) if size == shape else empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", filled)
+    out = block_logits(q_pool, k_pool, flags, q_len, kv_len, block)
+    monkeypatch.undo()
+    k_heads = k_pool.double().repeat_interleave(3, 1)
+    expected = q_pool.double() @ k_heads.mT
+    bound = q_pool.double().abs() @ k_heads.abs().mT  # Σ|q_d k_d|: a GPU's 3×TF32 product is ~1e-7 of it
+    visible = layout.visible(DEVICE)
+    for head in range(6):
+        if head in (0, 3, 5):
+            error = (out[0, head].double() - expected[0, head]).abs() / bound[0, head]
+            assert float(error[visible].max()) < 2e-6
+        else:
+            assert bool((out[0, head] == sentinel).all())
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.05, 1.0])
