@@ -17,8 +17,9 @@ products (``input_precision="tf32x3"``: each float32 operand split into a high a
 TF32 part, the low × low term dropped), float32 accumulation: close to float32, within
 about 1e-6 relative. Measured on an H200 at 32k: 12 µs, against 17 µs for a cuBLAS float32
 GEMM of every head and 30 µs for the fastest IEEE float32 ``tl.dot`` (FMA) tiling; the
-masks were identical at 32k and 2 of 16.8M blocks differed at 128k (near-ties at a
-γ-crossing). Under the interpreter, and before compute capability 8.0, IEEE float32.
+masks equalled the cuBLAS pipeline's at 32k and differed in 2 of 32,768 rows at 128k
+(near-ties at a γ-crossing). Under the interpreter, and before compute capability 8.0,
+IEEE float32.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _logits_kernel(
 
 TUNING: dict[str, int] = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
 """Launch parameters of :func:`_logits_kernel`: query blocks and key blocks per tile, head
-dimensions per step, warps. Chosen on an H200 with ``benchmarks/kernel_tuning.py``."""
+dimensions per step, warps, pipeline stages. Chosen on an H200 with
+``benchmarks/kernel_tuning.py``, which overrides them."""
 
 
 @functools.cache
@@ -76,9 +78,10 @@ def _capability(device: int) -> int:
 
 def _precision(x: Tensor) -> str:
     """:data:`PRECISION` where the tensor cores take TF32, else ``"ieee"`` (and when interpreted)."""
-    if interpreting(_logits_kernel) or not x.is_cuda or _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 8:
+    if interpreting(_logits_kernel) or not x.is_cuda:
         return "ieee"
-    return PRECISION
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return PRECISION if _capability(index) >= 8 else "ieee"
 
 
 @device_op("flexprefill::block_logits")
