@@ -78,7 +78,7 @@ def _capability(device: int) -> int:
 
 def _precision(x: Tensor) -> str:
     """:data:`PRECISION` where the tensor cores take TF32, else ``"ieee"`` (and when interpreted)."""
-    if interpreting(_logits_kernel) or not x.is_cuda:
+    if interpreting(_logits_kernel):  # (otherwise check_device has seen a CUDA tensor)
         return "ieee"
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return PRECISION if _capability(index) >= 8 else "ieee"
