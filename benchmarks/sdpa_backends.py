@@ -8,7 +8,9 @@ Usage::
 ``flex_prefill_attention`` runs ``F.scaled_dot_product_attention`` when the sparse path
 cannot pay; this measures what each SDPA backend takes for the same call: the default
 choice, flash, memory-efficient and cuDNN, with ``enable_gqa=True`` and with the key/value
-heads expanded (B=1, Hq=32, Hkv=8, D=128, bf16, random inputs). Medians of
+heads expanded (B=1, Hq=32, Hkv=8, D=128, bf16, random inputs), and FlashAttention-4's
+dense causal forward (``flexprefill_torch.fa4``, the dense path of
+``attention_kernel="fa4"``) where it can run. Medians of
 ``triton.testing.do_bench``; the relative error is against the default backend's output
 (expanded heads). A backend that refuses the call is reported with its error. Prints a
 table and saves JSON; asserts nothing about time.
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from flexprefill_torch.fa4 import fa4_causal_attention, fa4_unusable_reason
+
 CASES: dict[str, tuple[SDPBackend | None, bool]] = {
     "default gqa": (None, True),
     "default expanded": (None, False),
@@ -36,6 +40,7 @@ CASES: dict[str, tuple[SDPBackend | None, bool]] = {
     "cudnn gqa": (SDPBackend.CUDNN_ATTENTION, True),
     "cudnn expanded": (SDPBackend.CUDNN_ATTENTION, False),
 }
+FA4_CASE = "fa4 gqa"
 
 
 def measure(length: int) -> dict[str, object]:
@@ -63,17 +68,26 @@ def measure(length: int) -> dict[str, object]:
             row[name] = (round(ms, 4), error)
         except RuntimeError as exc:  # the backend cannot take this call
             row[name] = str(exc)[:100]
+    reason = fa4_unusable_reason(q, k, v)
+    if reason is None:
+        out = fa4_causal_attention(q, k, v)
+        ms = do_bench(lambda: fa4_causal_attention(q, k, v), warmup=10, rep=rep, return_mode="median")
+        row[FA4_CASE] = (round(ms, 4), float((out.float() - reference).norm() / reference.norm()))
+    else:
+        row[FA4_CASE] = reason[:100]
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sdpa_backends.json"))
     args = parser.parse_args()
     rows = [measure(length) for length in args.lengths]
     print(f"{'case':20s}" + "".join(f"{row['L']:>10d}" for row in rows))
-    for name in CASES:
+    for name in [*CASES, FA4_CASE]:
         cells = [row[name] for row in rows]
         print(f"{name:20s}" + "".join(f"{c[0]:10.3f}" if isinstance(c, tuple) else f"{'n/a':>10s}" for c in cells))
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),

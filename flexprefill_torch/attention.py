@@ -12,7 +12,8 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .block_mask import active_from_block_mask, block_mask_from_active
-from .config import UNSET, FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .config import UNSET, AttentionKernel, FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason
 from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .reference import masked_attention_reference
@@ -92,6 +93,59 @@ def run_flex_attention(
     return compiled_flex_attention()(q, k, v, return_lse=True, **kwargs)
 
 
+def _uses_fa4(q: Tensor, k: Tensor, v: Tensor, kernel: AttentionKernel, block_size: int | None) -> bool:
+    """Whether ``kernel`` runs FA4 here (``"fa4"`` raises, naming the reason, when it cannot)."""
+    if kernel == "flex":
+        return False
+    reason = fa4_unusable_reason(q, k, v, block_size)
+    if reason is not None and kernel == "fa4":
+        raise ValueError(f"attention_kernel='fa4' cannot run this call: {reason}")
+    return reason is None
+
+
+def run_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    return_lse: bool = False,
+    kernel_options: dict[str, Any] | None = None,
+    kernel: AttentionKernel = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention on a FlexPrefill ``block_mask`` (causal partial blocks) with ``kernel``.
+
+    FA4's block-sparse forward (:func:`.fa4.fa4_block_sparse_attention`) where ``kernel``
+    allows it and it can run, else :func:`run_flex_attention` (``kernel_options`` apply to
+    that one only). Same result either way, up to floating-point rounding.
+    """
+    if _uses_fa4(q, k, v, kernel, block_mask.BLOCK_SIZE[1]):
+        out, lse = fa4_block_sparse_attention(q, k, v, block_mask, scale)
+        return (out, lse) if return_lse else out
+    return run_flex_attention(q, k, v, block_mask, scale, return_lse, kernel_options)
+
+
+FA4_DENSE_MIN_WORK = 8192 * 8192
+"""``"auto"`` runs dense attention with FA4 from ``Lq * Lk >=`` this on: an FA4 call spends
+0.08-0.14 ms of host time against SDPA's 0.02-0.04 ms, which its faster kernel repays from
+about 8k × 8k tokens on (H200, ``benchmarks/dense_crossover.py``, ``docs/kernels.md``)."""
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, kernel: AttentionKernel = "auto"
+) -> Tensor:
+    """Dense causal attention for the dense paths: FA4 where ``kernel`` allows it, else SDPA.
+
+    ``"auto"`` takes FA4 only for calls of at least :data:`FA4_DENSE_MIN_WORK` query-key
+    pairs; single-query (decode) calls always use SDPA.
+    """
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    large = kernel == "fa4" or q_len * kv_len >= FA4_DENSE_MIN_WORK
+    if q_len > 1 and large and _uses_fa4(q, k, v, kernel, None):
+        return fa4_causal_attention(q, k, v, scale)
+    return dense_causal_attention(q, k, v, scale)
+
+
 def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """Dense attention where query ``i`` sees keys ``<= Lk - Lq + i`` (SDPA, GQA aware)."""
     q_len, kv_len = q.shape[-2], k.shape[-2]
@@ -128,6 +182,7 @@ def flex_prefill_attention(
     query_aware_selection: QueryAwareSelection | None = None,
     min_seq_len: int | None = None,
     max_density: float | None = UNSET,
+    attention_kernel: AttentionKernel | None = None,
     scale: float | None = None,
     backend: Backend = "auto",
     kernel_options: dict[str, Any] | None = None,
@@ -141,19 +196,21 @@ def flex_prefill_attention(
             ``Hq % Hkv == 0``, ``Lq <= Lk``, float16/bfloat16/float32, one device.
         config: a :class:`FlexPrefillConfig`. The keywords ``gamma``, ``tau``,
             ``block_size``, ``min_budget``, ``max_budget``, ``query_aware_selection``,
-            ``min_seq_len`` and ``max_density`` override its fields; ``None`` leaves a
-            field as it is, except ``max_budget=None``/``max_density=None``, which switch
-            the cap/check off.
+            ``min_seq_len``, ``max_density`` and ``attention_kernel`` override its fields;
+            ``None`` leaves a field as it is, except ``max_budget=None``/``max_density=None``,
+            which switch the cap/check off.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: mask backend, see :func:`flex_prefill_block_mask`.
-        kernel_options: passed to ``flex_attention`` (default: tuned for Hopper, see
-            :func:`default_kernel_options`).
+        kernel_options: passed to ``flex_attention`` when it runs (default: tuned for
+            Hopper, see :func:`default_kernel_options`).
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` (float32).
         return_info: also return a :class:`FlexPrefillInfo`.
 
     Returns:
         ``out [B, Hq, Lq, Dv]``, then ``lse`` if ``return_lse``, then ``info`` if
-        ``return_info``. The attention is dense SDPA when ``Lq == 1``, when
+        ``return_info``. The attention kernel is the config's ``attention_kernel`` (FA4
+        where it can run, else compiled FlexAttention and SDPA). The attention is dense
+        (FA4's causal forward, or SDPA) when ``Lq == 1`` (always SDPA), when
         ``Lq < min_seq_len``, or, in eager mode, when the mask would be denser than
         ``max_density``: with the Triton pipeline judged on the pattern stage's forecast
         (``info.predicted_density``; the block selection is then skipped), with the
@@ -173,7 +230,9 @@ def flex_prefill_attention(
         query_aware_selection=query_aware_selection,
         min_seq_len=min_seq_len,
         max_density=max_density,
+        attention_kernel=attention_kernel,
     )
+    kernel = config.attention_kernel
     layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
     info: FlexPrefillInfo | None = None
     if layout.q_len == 1 or layout.q_len < config.min_seq_len:
@@ -181,11 +240,11 @@ def flex_prefill_attention(
             info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
         if return_lse:
             active = layout.visible(q.device).expand(q.shape[0], q.shape[1], -1, -1)
-            result = run_flex_attention(
-                q, k, v, block_mask_from_active(active, layout), scale, True, kernel_options
+            result = run_sparse_attention(
+                q, k, v, block_mask_from_active(active, layout), scale, True, kernel_options, kernel
             )
         else:
-            result = dense_causal_attention(q, k, v, scale)
+            result = dense_attention(q, k, v, scale, kernel)
     else:
         check = _density_rule_applies(q, config, return_lse)
         forecast = check and uses_triton(q, backend)  # else: the built mask's density
@@ -198,9 +257,9 @@ def flex_prefill_attention(
         if block_mask is None or (judge_mask and bool(info.density.mean() > config.max_density)):  # host sync
             if info is not None:
                 info.sparse = False
-            result = dense_causal_attention(q, k, v, scale)
+            result = dense_attention(q, k, v, scale, kernel)
         else:
-            result = run_flex_attention(q, k, v, block_mask, scale, return_lse, kernel_options)
+            result = run_sparse_attention(q, k, v, block_mask, scale, return_lse, kernel_options, kernel)
     outputs = result if isinstance(result, tuple) else (result,)
     if return_info:
         outputs = (*outputs, info)

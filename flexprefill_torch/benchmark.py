@@ -15,9 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .attention import dense_causal_attention, flex_prefill_attention, run_flex_attention
+from .attention import (
+    dense_causal_attention,
+    flex_prefill_attention,
+    run_flex_attention,
+    run_sparse_attention,
+)
 from .block_mask import block_mask_from_active
 from .config import FlexPrefillConfig
+from .fa4 import fa4_causal_attention, fa4_unusable_reason, fa4_version
 from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .selection import flex_prefill_block_mask
@@ -25,9 +31,9 @@ from .synthetic import structured_qkv
 from .timing import median_ms, paired_median_ms
 
 HEADER = (
-    f"{'workload':>10s} {'L':>7s} {'gamma':>5s} {'sdpa':>9s} {'flex':>9s} {'build':>8s} {'sparse':>9s}"
-    f" {'total':>9s} {'density':>7s} {'rel_err':>8s} {'speedup':>7s} {'auto':>9s} {'auto_path':>13s}"
-    f" {'auto/sdpa':>9s} {'queued':>7s}"
+    f"{'workload':>10s} {'L':>7s} {'gamma':>5s} {'sdpa':>9s} {'flex':>9s} {'fa4':>9s} {'build':>8s}"
+    f" {'sp_flex':>9s} {'sp_fa4':>9s} {'total':>9s} {'density':>7s} {'rel_err':>8s} {'speedup':>7s}"
+    f" {'auto':>9s} {'auto_path':>14s} {'auto/sdpa':>9s} {'queued':>7s}"
 )
 QUEUED_BELOW = 65536
 """``flex_prefill_attention`` is timed in alternation with SDPA (so clock and thermal drift
@@ -80,27 +86,41 @@ def make_inputs(
 def bench_one(
     workload: str, length: int, settings: BenchSettings, device: torch.device, dtype: torch.dtype
 ) -> list[dict]:
-    """Dense SDPA, dense flex and FlexPrefill at every gamma for one input: one row per gamma."""
+    """Dense SDPA, dense flex, dense FA4 and FlexPrefill at every gamma for one input: one row per gamma.
+
+    The sparse attention is timed with compiled FlexAttention and, where it can run, FA4;
+    ``total``, ``rel_error`` and ``speedup`` use the kernel ``attention_kernel="auto"`` picks.
+    """
     q, k, v = make_inputs(workload, length, settings, device, dtype)
     layout = BlockLayout(length, length, 128)
     dense_mask = block_mask_from_active(layout.visible(device).expand(1, settings.q_heads, -1, -1), layout)
     dense = dense_causal_attention(q, k, v)
     sdpa_ms = median_ms(lambda: dense_causal_attention(q, k, v), device, settings.repeats)
     flex_ms = median_ms(lambda: run_flex_attention(q, k, v, dense_mask), device, settings.repeats)
+    fa4 = fa4_unusable_reason(q, k, v, 128) is None
+    fa4_ms = median_ms(lambda: fa4_causal_attention(q, k, v), device, settings.repeats) if fa4 else None
     rows = []
     for gamma in settings.gammas:
         config = FlexPrefillConfig(gamma=gamma, tau=settings.tau, min_seq_len=0)
         block_mask, info = flex_prefill_block_mask(
             q, k, config=config, backend=settings.backend, return_info=True
         )
-        out = run_flex_attention(q, k, v, block_mask)
-        rel_err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
         build_ms = median_ms(
             lambda config=config: flex_prefill_block_mask(q, k, config=config, backend=settings.backend),
             device,
             settings.repeats,
         )
-        sparse_ms = median_ms(lambda bm=block_mask: run_flex_attention(q, k, v, bm), device, settings.repeats)
+        flex_sparse_ms = median_ms(
+            lambda bm=block_mask: run_flex_attention(q, k, v, bm), device, settings.repeats
+        )
+        fa4_sparse_ms = None
+        if fa4:
+            fa4_sparse_ms = median_ms(
+                lambda bm=block_mask: run_sparse_attention(q, k, v, bm, kernel="fa4"), device, settings.repeats
+            )
+        out = run_sparse_attention(q, k, v, block_mask)  # the kernel "auto" picks
+        rel_err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+        sparse_ms = fa4_sparse_ms if fa4 else flex_sparse_ms
         total = build_ms + sparse_ms
         # the public call with the default crossover rules (min_seq_len, max_density)
         auto_config = FlexPrefillConfig(gamma=gamma, tau=settings.tau)
@@ -123,9 +143,13 @@ def bench_one(
                 "workload": workload,
                 "seq_len": length,
                 "gamma": gamma,
+                "kernel": "fa4" if fa4 else "flex",
                 "sdpa_ms": sdpa_ms,
                 "dense_flex_ms": flex_ms,
+                "dense_fa4_ms": fa4_ms,
                 "mask_build_ms": build_ms,
+                "sparse_flex_ms": flex_sparse_ms,
+                "sparse_fa4_ms": fa4_sparse_ms,
                 "sparse_attention_ms": sparse_ms,
                 "total_ms": total,
                 "density": info.density.mean().item(),
@@ -145,17 +169,22 @@ def _path(info: FlexPrefillInfo) -> str:
     if info.sparse:
         return "sparse"
     if info.predicted_density is not None:
-        return "sdpa:forecast"
-    return "sdpa:short" if info.layout.q_len < info.config.min_seq_len else "sdpa:density"
+        return "dense:forecast"
+    return "dense:short" if info.layout.q_len < info.config.min_seq_len else "dense:density"
+
+
+def _ms(value: float | None, width: int = 9) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.2f}"
 
 
 def format_row(row: dict) -> str:
     """One table line under :data:`HEADER`."""
     return (
         f"{row['workload']:>10s} {row['seq_len']:7d} {row['gamma']:5.2f} {row['sdpa_ms']:9.2f}"
-        f" {row['dense_flex_ms']:9.2f} {row['mask_build_ms']:8.2f} {row['sparse_attention_ms']:9.2f}"
-        f" {row['total_ms']:9.2f} {row['density']:7.3f} {row['rel_error']:8.2e} {row['speedup_vs_sdpa']:7.2f}"
-        f" {row['auto_ms']:9.2f} {row['auto_path']:>13s} {row['auto_vs_sdpa']:9.3f} {row['auto_vs_sdpa_queued']:7.3f}"
+        f" {row['dense_flex_ms']:9.2f} {_ms(row['dense_fa4_ms'])} {row['mask_build_ms']:8.2f}"
+        f" {row['sparse_flex_ms']:9.2f} {_ms(row['sparse_fa4_ms'])} {row['total_ms']:9.2f}"
+        f" {row['density']:7.3f} {row['rel_error']:8.2e} {row['speedup_vs_sdpa']:7.2f}"
+        f" {row['auto_ms']:9.2f} {row['auto_path']:>14s} {row['auto_vs_sdpa']:9.3f} {row['auto_vs_sdpa_queued']:7.3f}"
     )
 
 
@@ -185,6 +214,7 @@ def run_benchmark(
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "flash_attn_4": fa4_version(),
         "dtype": str(dtype),
         "settings": asdict(settings),
     }

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 QueryAwareSelection = Literal["global", "per_row"]
+AttentionKernel = Literal["auto", "flex", "fa4"]
 
 
 class _Unset:
@@ -51,6 +52,13 @@ class FlexPrefillConfig:
             :func:`flex_prefill_attention` runs dense SDPA instead, because sparse
             FlexAttention would be slower. Checked only in eager mode (one host sync; not
             under ``torch.compile`` or CUDA-graph capture). ``None`` disables the check.
+        attention_kernel: what computes the attention in :func:`flex_prefill_attention`.
+            ``"flex"``: compiled FlexAttention on the mask, SDPA when dense. ``"fa4"``:
+            FlashAttention-4's block-sparse forward on the same mask and its dense causal
+            forward when dense (needs the optional ``flash-attn-4`` package, a Hopper or
+            Blackwell GPU, 16-bit inputs, block size 128, no gradients; see
+            :mod:`flexprefill_torch.fa4`). ``"auto"``: ``"fa4"`` where it can run, else
+            ``"flex"``.
     """
 
     gamma: float = 0.9
@@ -61,6 +69,7 @@ class FlexPrefillConfig:
     query_aware_selection: QueryAwareSelection = "global"
     min_seq_len: int = 32768
     max_density: float | None = 0.7
+    attention_kernel: AttentionKernel = "auto"
 
     def __post_init__(self) -> None:
         _check_real("gamma", self.gamma)
@@ -96,6 +105,10 @@ class FlexPrefillConfig:
                 raise ValueError(
                     f"max_density must be None or in (0, 1], got max_density={self.max_density!r}"
                 )
+        if self.attention_kernel not in ("auto", "flex", "fa4"):
+            raise ValueError(
+                f"attention_kernel must be 'auto', 'flex' or 'fa4', got attention_kernel={self.attention_kernel!r}"
+            )
 
     @property
     def min_blocks(self) -> int:

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .block_mask import block_mask_from_active
-from .config import UNSET, FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .config import UNSET, AttentionKernel, FlexPrefillConfig, QueryAwareSelection, resolve_config
 from .info import FlexPrefillInfo
 from .layout import BlockLayout
 from .reference import flex_prefill_reference
@@ -88,6 +88,7 @@ def flex_prefill_block_mask(
     query_aware_selection: QueryAwareSelection | None = None,
     min_seq_len: int | None = None,
     max_density: float | None = UNSET,
+    attention_kernel: AttentionKernel | None = None,
     scale: float | None = None,
     backend: Backend = "auto",
     return_info: bool = False,
@@ -99,8 +100,8 @@ def flex_prefill_block_mask(
         k: ``[B, Hkv, Lk, D]`` keys, ``Hq % Hkv == 0`` and ``Lq <= Lk``.
         config: a :class:`FlexPrefillConfig`. The keywords ``gamma``, ``tau``,
             ``block_size``, ``min_budget``, ``max_budget``, ``query_aware_selection``,
-            ``min_seq_len`` and ``max_density`` override its fields (the last two only
-            matter to :func:`flex_prefill_attention`); ``None`` leaves a field as it is,
+            ``min_seq_len``, ``max_density`` and ``attention_kernel`` override its fields
+            (the last three only matter to :func:`flex_prefill_attention`); ``None`` leaves a field as it is,
             except ``max_budget=None``/``max_density=None``, which switch the cap/check off.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"reference"`` (pure PyTorch), ``"triton"`` or ``"auto"``.
@@ -122,6 +123,7 @@ def flex_prefill_block_mask(
         query_aware_selection=query_aware_selection,
         min_seq_len=min_seq_len,
         max_density=max_density,
+        attention_kernel=attention_kernel,
     )
     block_mask, info = build_block_mask(q, k, config, scale, backend, with_info=return_info)
     return (block_mask, info) if return_info else block_mask

@@ -12,7 +12,8 @@ from flexprefill_torch import (
     flex_prefill_attention,
     flex_prefill_block_mask,
 )
-from flexprefill_torch.attention import default_kernel_options
+from flexprefill_torch.attention import default_kernel_options, dense_attention
+from flexprefill_torch.fa4 import fa4_unusable_reason
 from flexprefill_torch.reference import masked_attention_reference
 from flexprefill_torch.synthetic import structured_qkv
 
@@ -82,7 +83,8 @@ def test_default_kernel_options_on_hopper(cuda) -> None:
 @pytest.mark.parametrize("workload", ["structured", "random"])
 def test_density_forecast_skips_the_selection_on_dense_inputs(workload: str) -> None:
     """32k tokens, 32/8 heads, bf16: the forecast tracks the final density; random input
-    (near-uniform attention) goes to SDPA on the forecast alone, structured input stays sparse."""
+    (near-uniform attention) goes to dense attention (FA4's or SDPA) on the forecast alone,
+    structured input stays sparse."""
     from flexprefill_torch.benchmark import BenchSettings, make_inputs
     from flexprefill_torch.kernels.pipeline import pattern_stage, selection_from_pattern
 
@@ -99,6 +101,37 @@ def test_density_forecast_skips_the_selection_on_dense_inputs(workload: str) -> 
     out, info = flex_prefill_attention(q, k, v, config=config, return_info=True)
     if workload == "random":
         assert not info.sparse and info.predicted_density is not None
-        torch.testing.assert_close(out, dense_causal_attention(q, k, v))
+        torch.testing.assert_close(out, dense_attention(q, k, v), atol=0, rtol=0)
     else:
         assert info.sparse and info.predicted_density is None
+
+
+def test_fa4_kernel_needs_cuda_and_auto_runs_flex_on_cpu() -> None:
+    """``attention_kernel='fa4'`` names why it cannot run; ``'auto'`` then gives FlexAttention's output."""
+    q, k, v = _peaked(900, 1000)
+    reason = fa4_unusable_reason(q, k, v, 64)
+    assert reason is not None and "CUDA" in reason
+    with pytest.raises(ValueError, match=r"attention_kernel='fa4' cannot run this call: FA4 needs CUDA"):
+        flex_prefill_attention(q, k, v, config=CONFIG, attention_kernel="fa4")
+    with pytest.raises(ValueError, match=r"attention_kernel='fa4'.*CUDA"):  # the dense path too
+        flex_prefill_attention(q, k, v, config=CONFIG, attention_kernel="fa4", min_seq_len=10**6)
+    auto = flex_prefill_attention(q, k, v, config=CONFIG, max_density=None)
+    flex = flex_prefill_attention(q, k, v, config=CONFIG, max_density=None, attention_kernel="flex")
+    torch.testing.assert_close(auto, flex, atol=0, rtol=0)
+
+
+def test_fa4_ops_have_fake_implementations() -> None:
+    """The FA4 custom ops trace under fake tensors (``torch.compile``) with FA4's output layout."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flexprefill_torch.fa4 import fa4_block_sparse_attention, fa4_causal_attention
+
+    q, k, v = _peaked(900, 1000)
+    mask = flex_prefill_block_mask(q, k, config=CONFIG)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv = (mode.from_tensor(x.bfloat16()) for x in (q, k, v))
+        out, lse = fa4_block_sparse_attention(fq, fk, fv, mask)
+        dense = fa4_causal_attention(fq, fk, fv)
+    assert out.shape == dense.shape == q.shape and out.dtype == torch.bfloat16
+    assert out.transpose(1, 2).is_contiguous() and dense.transpose(1, 2).is_contiguous()
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32

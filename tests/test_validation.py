@@ -224,6 +224,7 @@ def test_device_mismatch(entry: Entry) -> None:
         ("min_seq_len", -1, r"min_seq_len=-1"),
         ("max_density", 0.0, r"max_density=0\.0"),
         ("max_density", 1.5, r"max_density=1\.5"),
+        ("attention_kernel", "cuda", r"attention_kernel='cuda'"),
     ],
 )
 def test_bad_config_keywords(entry: Entry, name: str, value: object, pattern: str) -> None:
@@ -308,6 +309,7 @@ def configs(draw: st.DrawFn) -> FlexPrefillConfig:
         query_aware_selection=draw(st.sampled_from(("global", "per_row"))),
         min_seq_len=draw(st.integers(0, 10**6)),
         max_density=draw(st.one_of(st.none(), st.floats(0.0, 1.0, exclude_min=True))),
+        attention_kernel=draw(st.sampled_from(("auto", "flex", "fa4"))),
     )
 
 

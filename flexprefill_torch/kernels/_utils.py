@@ -31,7 +31,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """True while ``torch.compile``/``make_fx`` trace (fake tensors, proxies, functionalization)."""
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
@@ -56,7 +56,7 @@ class _Launcher:
         self.compiled: dict[tuple, tuple[Any, tuple]] = {}
 
     def __getitem__(self, grid: Any) -> Any:
-        if _tracing():
+        if tracing():
             return self.traceable[grid]
         return functools.partial(self._launch, tuple(grid))
 
@@ -133,7 +133,7 @@ def register_cap(kernel: Any, registers: int) -> dict[str, int]:
     ``torch.compile`` traces, ``wrap_triton`` does not accept the option, and interpreted
     kernels have no registers (the cap changes the speed, never a result).
     """
-    if registers <= 0 or _tracing() or not isinstance(kernel, JITFunction):
+    if registers <= 0 or tracing() or not isinstance(kernel, JITFunction):
         return {}
     return {"maxnreg": registers}
 

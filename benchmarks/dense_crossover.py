@@ -1,0 +1,96 @@
+"""Dense attention for short prompts: SDPA, FA4's causal forward and the public call (CUDA GPU).
+
+Usage::
+
+    python benchmarks/dense_crossover.py                 # 512 .. 32k tokens
+    python benchmarks/dense_crossover.py --lengths 4096 8192
+
+Where the sparse path cannot pay, ``flex_prefill_attention`` runs dense attention: SDPA,
+or FlashAttention-4's causal forward (``flexprefill_torch.fa4``) for calls of at least
+``attention.FA4_DENSE_MIN_WORK`` query-key pairs. FA4's kernel is faster than SDPA's
+(cuDNN) on an H200, but its host time per call is larger; this measures where one beats
+the other. B=1, Hq=32, Hkv=8, D=128, bf16, random inputs. Each case is timed in
+alternation with the others (30 samples), from an idle GPU (host time counts) and as 8
+back-to-back calls (host time overlaps the previous call's GPU work, as in a model's loop
+over layers), plus the host time of one launch (a loop of launches without
+synchronisation). Prints a table, saves JSON; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flexprefill_torch import dense_causal_attention, flex_prefill_attention
+from flexprefill_torch.fa4 import fa4_causal_attention, fa4_unusable_reason
+from flexprefill_torch.timing import paired_median_ms
+
+CASES = ("sdpa", "fa4", "public")
+
+
+def launch_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Host milliseconds per call of ``calls`` launches (GPU-bound when above the device time)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def measure(length: int, repeats: int) -> dict[str, object]:
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, heads, length, 128, device=device, dtype=torch.bfloat16, generator=gen)
+        for heads in (32, 8, 8)
+    )
+    fns = {
+        "sdpa": lambda: dense_causal_attention(q, k, v),
+        "fa4": lambda: fa4_causal_attention(q, k, v),
+        "public": lambda: flex_prefill_attention(q, k, v),
+    }
+    idle = paired_median_ms(list(fns.values()), device, repeats)
+    queued = paired_median_ms(list(fns.values()), device, repeats, calls=8)
+    return {
+        "L": length,
+        "idle_ms": dict(zip(CASES, idle, strict=True)),
+        "queued_ms": dict(zip(CASES, queued, strict=True)),
+        "launch_ms": {name: launch_ms(fns[name]) for name in ("sdpa", "fa4")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dense_crossover.json"))
+    args = parser.parse_args()
+    probe = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    reason = fa4_unusable_reason(probe, probe, probe)
+    if reason is not None:
+        raise SystemExit(f"FA4 cannot run here: {reason}")
+    rows = [measure(length, args.repeats) for length in args.lengths]
+    print(f"{'L':>6s}  {'idle: sdpa / fa4 / public (ms)':>32s}  {'queued: sdpa / fa4 / public':>30s}  "
+          f"{'launch: sdpa / fa4':>19s}")
+    for row in rows:
+        idle, queued, launch = row["idle_ms"], row["queued_ms"], row["launch_ms"]
+        print(f"{row['L']:6d}  " + "  ".join(f"{idle[c]:8.3f}" for c in CASES) + "    "
+              + "  ".join(f"{queued[c]:8.3f}" for c in CASES)
+              + f"    {launch['sdpa']:7.3f}  {launch['fa4']:7.3f}")
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "repeats": args.repeats}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

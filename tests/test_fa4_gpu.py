@@ -1,0 +1,122 @@
+"""GPU checks of the FlashAttention-4 kernel path (``pytest -m gpu tests/test_fa4_gpu.py``).
+
+Skipped where FA4 cannot run (no ``flash-attn-4``, or not a Hopper/Blackwell GPU). FA4's
+block-sparse forward on a FlexPrefill mask must give compiled FlexAttention's output and
+log-sum-exp on the same mask (bfloat16 rounding aside), honour the sparsity, work with
+queries shorter than the keys, ragged lengths, GQA and batches; its dense causal forward
+must match SDPA; and the public call must use it under ``"auto"``, inside
+``torch.compile(fullgraph=True)`` and in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexprefill_torch import attention as attention_module
+from flexprefill_torch import dense_causal_attention, flex_prefill_attention, flex_prefill_block_mask
+from flexprefill_torch.attention import run_flex_attention, run_sparse_attention
+from flexprefill_torch.config import FlexPrefillConfig
+from flexprefill_torch.fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason
+from flexprefill_torch.synthetic import structured_qkv
+
+pytestmark = pytest.mark.gpu
+
+CONFIG = FlexPrefillConfig(gamma=0.9, min_seq_len=0, max_density=None)
+
+
+@pytest.fixture
+def fa4(cuda) -> torch.device:
+    probe = torch.zeros(1, 1, 1, 128, device=cuda, dtype=torch.bfloat16)
+    reason = fa4_unusable_reason(probe, probe, probe, 128)
+    if reason is not None:
+        pytest.skip(reason)
+    return cuda
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _inputs(device, batch, q_heads, kv_heads, seq_len, head_dim, q_len=None, seed=0):
+    return structured_qkv(
+        batch, q_heads, kv_heads, seq_len, head_dim, q_len=q_len, dtype=torch.bfloat16, device=device, seed=seed
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch", "q_heads", "kv_heads", "seq_len", "q_len", "head_dim"),
+    [
+        (1, 32, 8, 32768, None, 128),  # the benchmark shape
+        (2, 8, 2, 4096 + 77, None, 128),  # ragged last block, batch of 2
+        (1, 8, 2, 5000, 1100, 128),  # queries are the last 1100 positions
+        (1, 4, 4, 3000, None, 64),  # no GQA, D=64
+    ],
+)
+def test_block_sparse_matches_flex(fa4, batch, q_heads, kv_heads, seq_len, q_len, head_dim):
+    q, k, v = _inputs(fa4, batch, q_heads, kv_heads, seq_len, head_dim, q_len)
+    mask = flex_prefill_block_mask(q, k, config=CONFIG)
+    out, lse = fa4_block_sparse_attention(q, k, v, mask)
+    ref, ref_lse = run_flex_attention(q, k, v, mask, return_lse=True)
+    assert out.shape == ref.shape and lse.shape == ref_lse.shape
+    assert _rel(out, ref) < 1e-2, "FA4 and FlexAttention disagree on the same mask"
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-2, rtol=0)
+    dense = dense_causal_attention(q, k, v)
+    assert _rel(out, dense) > 5 * _rel(out, ref), "FA4's output is as close to dense: sparsity not honoured"
+
+
+def test_causal_matches_sdpa(fa4):
+    q, k, v = _inputs(fa4, 1, 8, 2, 6000, 128, q_len=2500, seed=1)
+    assert _rel(fa4_causal_attention(q, k, v), dense_causal_attention(q, k, v)) < 1e-2
+    q, k, v = _inputs(fa4, 1, 8, 2, 4096, 128, seed=2)
+    assert _rel(fa4_causal_attention(q, k, v, scale=0.05), dense_causal_attention(q, k, v, scale=0.05)) < 1e-2
+
+
+def test_auto_uses_fa4_and_flex_on_request(fa4, monkeypatch):
+    q, k, v = _inputs(fa4, 1, 8, 2, 8192, 128, seed=3)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fa4_block_sparse_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "fa4_block_sparse_attention", counted)
+    auto = flex_prefill_attention(q, k, v, config=CONFIG)
+    assert calls == [1], "attention_kernel='auto' did not run FA4 on a Hopper/Blackwell GPU"
+    flex = flex_prefill_attention(q, k, v, config=CONFIG, attention_kernel="flex")
+    assert calls == [1], "attention_kernel='flex' ran FA4"
+    assert _rel(auto, flex) < 1e-2
+    q.requires_grad_(True)
+    assert fa4_unusable_reason(q, k, v, 128) is not None  # gradients: FlexAttention
+    with pytest.raises(ValueError, match="attention_kernel='fa4'.*grad"):
+        flex_prefill_attention(q, k, v, config=CONFIG, attention_kernel="fa4")
+
+
+def test_dense_fallback_uses_fa4_on_large_calls(fa4):
+    q, k, v = _inputs(fa4, 1, 8, 2, 8192, 128, seed=4)
+    out, info = flex_prefill_attention(q, k, v, min_seq_len=16384, return_info=True)
+    assert not info.sparse
+    torch.testing.assert_close(out, fa4_causal_attention(q, k, v), atol=0, rtol=0)
+    small = [x[:, :, -2048:] for x in (q, k, v)]  # below FA4_DENSE_MIN_WORK: SDPA
+    out = flex_prefill_attention(*small, min_seq_len=16384)
+    torch.testing.assert_close(out, dense_causal_attention(*small), atol=0, rtol=0)
+
+
+def test_compile_fullgraph_and_cuda_graph(fa4):
+    q, k, v = _inputs(fa4, 1, 8, 2, 8192, 128, seed=5)
+    mask = flex_prefill_block_mask(q, k, config=CONFIG)
+    eager = run_sparse_attention(q, k, v, mask, kernel="fa4")
+    compiled = torch.compile(lambda q, k, v: flex_prefill_attention(q, k, v, config=CONFIG), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), eager, atol=0, rtol=0)
+
+    static = [x.clone() for x in (q, k, v)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run_sparse_attention(*static, mask, kernel="fa4")
+    other = _inputs(fa4, 1, 8, 2, 8192, 128, seed=6)
+    static[0].copy_(other[0])
+    graph.replay()
+    torch.testing.assert_close(captured, run_sparse_attention(other[0], k, v, mask, kernel="fa4"), atol=0, rtol=0)
+    static[0].copy_(q)
+    graph.replay()
+    torch.testing.assert_close(captured, eager, atol=0, rtol=0)
