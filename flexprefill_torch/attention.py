@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .block_mask import active_from_block_mask, block_mask_from_active
+from .block_mask import active_from_block_mask, block_mask_from_active, has_causal_mask_mod
 from .config import UNSET, AttentionKernel, FlexPrefillConfig, QueryAwareSelection, resolve_config
 from .fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason
 from .info import FlexPrefillInfo
@@ -117,8 +117,17 @@ def run_sparse_attention(
 
     FA4's block-sparse forward (:func:`.fa4.fa4_block_sparse_attention`) where ``kernel``
     allows it and it can run, else :func:`run_flex_attention` (``kernel_options`` apply to
-    that one only). Same result either way, up to floating-point rounding.
+    that one only). Same result either way, up to floating-point rounding. FA4 applies the
+    causal rule itself, so it runs only masks built by :func:`.block_mask.block_mask_from_active`;
+    any other ``mask_mod`` runs with FlexAttention (``"fa4"`` raises).
     """
+    if kernel != "flex" and not has_causal_mask_mod(block_mask):
+        if kernel == "fa4":
+            raise ValueError(
+                "attention_kernel='fa4' runs FlexPrefill masks only (built by block_mask_from_active, "
+                f"causal partial blocks); this block_mask has mask_mod {block_mask.mask_mod!r}"
+            )
+        kernel = "flex"
     if _uses_fa4(q, k, v, kernel, block_mask.BLOCK_SIZE[1]):
         out, lse = fa4_block_sparse_attention(q, k, v, block_mask, scale)
         return (out, lse) if return_lse else out

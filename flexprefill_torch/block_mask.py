@@ -24,7 +24,13 @@ def causal_mask_mod(offset: Tensor):
     def mask_mod(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return kv_idx <= q_idx + offset
 
+    mask_mod.flexprefill_causal = True  # other kernels (FA4) may apply the same rule themselves
     return mask_mod
+
+
+def has_causal_mask_mod(block_mask: BlockMask) -> bool:
+    """Whether ``block_mask``'s partial blocks use :func:`causal_mask_mod` (masks built here)."""
+    return getattr(block_mask.mask_mod, "flexprefill_causal", False)
 
 
 def indices_from_map(blocks: Tensor) -> tuple[Tensor, Tensor]:

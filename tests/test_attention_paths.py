@@ -120,6 +120,25 @@ def test_fa4_kernel_needs_cuda_and_auto_runs_flex_on_cpu() -> None:
     torch.testing.assert_close(auto, flex, atol=0, rtol=0)
 
 
+def test_fa4_runs_flexprefill_masks_only() -> None:
+    """A mask with another ``mask_mod`` never reaches FA4 (which applies the causal rule itself)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from flexprefill_torch.attention import run_flex_attention, run_sparse_attention
+
+    q, k, v = _peaked(256, 256)
+
+    def window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < 64)
+
+    mask = create_block_mask(window, None, None, 256, 256, device="cpu", BLOCK_SIZE=64)
+    with pytest.raises(ValueError, match=r"attention_kernel='fa4' runs FlexPrefill masks only"):
+        run_sparse_attention(q, k, v, mask, kernel="fa4")
+    out = run_sparse_attention(q, k, v, mask)  # "auto": FlexAttention with the window
+    torch.testing.assert_close(out, run_flex_attention(q, k, v, mask), atol=0, rtol=0)
+    assert flex_prefill_block_mask(q, k, config=CONFIG).mask_mod.flexprefill_causal
+
+
 def test_fa4_ops_have_fake_implementations() -> None:
     """The FA4 custom ops trace under fake tensors (``torch.compile``) with FA4's output layout."""
     from torch._subclasses.fake_tensor import FakeTensorMode
