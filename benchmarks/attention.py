@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexprefill_torch.benchmark import BenchSettings, run_benchmark
+from flexprefill_torch.benchmark import BenchSettings, default_results_path, run_benchmark
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--small", action="store_true", help="CPU-sized: 1k and 2k tokens, 8/2 heads, D=64")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default: results/attention.json (attention_small.json with --small)")
     args = parser.parse_args()
     settings = (
         BenchSettings.small() if args.small else BenchSettings(lengths=args.lengths, repeats=args.repeats)
@@ -36,7 +36,7 @@ def main() -> None:
     settings.workloads, settings.gammas, settings.backend = args.workloads, args.gammas, args.backend
     if not args.small:
         settings.lengths = args.lengths
-    run_benchmark(settings, args.out)
+    run_benchmark(settings, args.out or default_results_path(args.small))
 
 
 if __name__ == "__main__":

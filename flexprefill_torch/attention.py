@@ -8,17 +8,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .block_mask import active_from_block_mask, block_mask_from_active, has_causal_mask_mod
 from .config import UNSET, AttentionKernel, FlexPrefillConfig, QueryAwareSelection, resolve_config
-from .fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason
+from .fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason, layout_key
 from .info import FlexPrefillInfo
+from .kernels._utils import tracing
 from .layout import BlockLayout
 from .reference import masked_attention_reference
 from .selection import Backend, build_block_mask, uses_triton
-from .validation import check_qk, check_v
+from .validation import check_qkv
 
 _HAS_AUX_REQUEST = "return_aux" in inspect.signature(flex_attention).parameters
 
@@ -134,10 +136,13 @@ def run_sparse_attention(
     return run_flex_attention(q, k, v, block_mask, scale, return_lse, kernel_options)
 
 
-FA4_DENSE_MIN_WORK = 8192 * 8192
-"""``"auto"`` runs dense attention with FA4 from ``Lq * Lk >=`` this on: an FA4 call spends
-0.08-0.14 ms of host time against SDPA's 0.02-0.04 ms, which its faster kernel repays from
-about 8k × 8k tokens on (H200, ``benchmarks/dense_crossover.py``, ``docs/kernels.md``)."""
+FA4_DENSE_MIN_QUERIES = 2048
+"""``"auto"`` runs dense attention with FA4 for calls of at least this many queries. On an
+H200 FA4's causal forward (its recorded launch) took less time than SDPA's from 2k tokens
+on, from an idle GPU and queued; at 512-1k tokens its host time (~25 µs a call against
+SDPA's ~20) outweighs its faster kernel (``benchmarks/dense_crossover.py``,
+``docs/kernels.md``). Few queries against a long cache (decode, speculative
+verification) are what SDPA's split-KV kernels are for."""
 
 
 def dense_attention(
@@ -145,29 +150,68 @@ def dense_attention(
 ) -> Tensor:
     """Dense causal attention for the dense paths: FA4 where ``kernel`` allows it, else SDPA.
 
-    ``"auto"`` takes FA4 only for calls of at least :data:`FA4_DENSE_MIN_WORK` query-key
-    pairs; single-query (decode) calls always use SDPA.
+    ``"auto"`` takes FA4 for calls of at least :data:`FA4_DENSE_MIN_QUERIES` queries;
+    single-query (decode) calls always use SDPA.
     """
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    large = kernel == "fa4" or q_len * kv_len >= FA4_DENSE_MIN_WORK
-    if q_len > 1 and large and _uses_fa4(q, k, v, kernel, None):
+    (_, q_heads, q_len, _), (_, kv_heads, kv_len, _) = q.shape, k.shape
+    fa4 = (q_len > 1 and kernel == "fa4") or (q_len >= FA4_DENSE_MIN_QUERIES and kernel == "auto")
+    if fa4 and _uses_fa4(q, k, v, kernel, None):
         return fa4_causal_attention(q, k, v, scale)
+    if q_len == kv_len:  # the common case, without a second look at the shapes
+        return _causal_sdpa(q, k, v, scale, q_heads != kv_heads)
     return dense_causal_attention(q, k, v, scale)
 
 
 def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """Dense attention where query ``i`` sees keys ``<= Lk - Lq + i`` (SDPA, GQA aware)."""
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
+    (_, q_heads, q_len, _), (_, kv_heads, kv_len, _) = q.shape, k.shape
+    gqa = q_heads != kv_heads
     if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return _causal_sdpa(q, k, v, scale, gqa)
     if q_len == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     mask = causal_lower_right(q_len, kv_len)
     if gqa:  # the lower-right bias object does not take enable_gqa
-        group = q.shape[1] // k.shape[1]
+        group = q_heads // kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+_CUDNN = SDPBackend.CUDNN_ATTENTION.value
+_CUDNN_CHOICES: dict[tuple, bool] = {}
+
+
+def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, gqa: bool) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=True, ...)`` for ``Lq == Lk``.
+
+    Where SDPA would run cuDNN's kernel on these inputs, that kernel is called directly:
+    on an H200 SDPA's dispatch around it cost 6-18 µs per call from an idle GPU, a share
+    of a short prompt's attention (``docs/kernels.md``). Same kernel, same output. Calls that need gradients, traced calls, and cuDNN switched off (e.g.
+    by ``torch.nn.attention.sdpa_kernel``) go through SDPA.
+    """
+    if q.is_cuda and _sdpa_picks_cudnn(q, k, v, scale, gqa):
+        return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+
+
+def _sdpa_picks_cudnn(q: Tensor, k: Tensor, v: Tensor, scale: float | None, gqa: bool) -> bool:
+    """Whether causal SDPA would run cuDNN here, for an eager call without gradients.
+
+    SDPA's choice is asked once per layout (shapes, strides, dtype, device, alignment) and
+    remembered; whether cuDNN is switched on is checked on every call.
+    """
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+        return False
+    if not torch.backends.cuda.cudnn_sdp_enabled() or tracing():
+        return False
+    key = (scale, q.get_device(), *layout_key((q, k, v)))
+    choice = _CUDNN_CHOICES.get(key)
+    if choice is None:
+        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=gqa) == _CUDNN
+        if len(_CUDNN_CHOICES) >= 256:
+            _CUDNN_CHOICES.clear()
+        _CUDNN_CHOICES[key] = choice
+    return choice
 
 
 def _density_rule_applies(q: Tensor, config: FlexPrefillConfig, return_lse: bool) -> bool:
@@ -227,8 +271,7 @@ def flex_prefill_attention(
         short-input path uses compiled flex over all visible blocks and the density rule is
         skipped.
     """
-    check_qk(q, k, scale, backend)
-    check_v(k, v)
+    check_qkv(q, k, v, scale, backend)
     config = resolve_config(
         config,
         gamma=gamma,
@@ -242,9 +285,13 @@ def flex_prefill_attention(
         attention_kernel=attention_kernel,
     )
     kernel = config.attention_kernel
-    layout = BlockLayout(q.shape[-2], k.shape[-2], config.block_size)
+    q_len = q.shape[-2]
+    short = q_len == 1 or q_len < config.min_seq_len
+    if short and not (return_lse or return_info):  # the common short-prompt call: host time matters
+        return dense_attention(q, k, v, scale, kernel)
+    layout = BlockLayout(q_len, k.shape[-2], config.block_size)
     info: FlexPrefillInfo | None = None
-    if layout.q_len == 1 or layout.q_len < config.min_seq_len:
+    if short:
         if return_info:
             info = FlexPrefillInfo.dense(q.shape[0], q.shape[1], layout, config, q.device)
         if return_lse:

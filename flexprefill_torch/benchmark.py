@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .attention import (
-    dense_causal_attention,
     flex_prefill_attention,
     run_flex_attention,
     run_sparse_attention,
@@ -34,6 +34,7 @@ HEADER = (
     f"{'workload':>10s} {'L':>7s} {'gamma':>5s} {'sdpa':>9s} {'flex':>9s} {'fa4':>9s} {'build':>8s}"
     f" {'sp_flex':>9s} {'sp_fa4':>9s} {'total':>9s} {'density':>7s} {'rel_err':>8s} {'speedup':>7s}"
     f" {'auto':>9s} {'auto_path':>14s} {'auto/sdpa':>9s} {'queued':>7s}"
+    f" {'flex/sdpa':>9s} {'queued':>9s}"
 )
 QUEUED_BELOW = 65536
 """``flex_prefill_attention`` is timed in alternation with SDPA (so clock and thermal drift
@@ -41,6 +42,20 @@ affect both alike) from an idle device and, below this length, also as :data:`QU
 back-to-back calls (host work hidden behind the device work of the previous call, as in a
 model's loop over layers); from it on the two columns are the same measurement."""
 QUEUED_CALLS = 8
+
+
+def default_results_path(small: bool) -> Path:
+    """Where a run saves its JSON: the GPU results, or a CPU-sized run's own file (not kept in git)."""
+    return Path("benchmarks/results") / ("attention_small.json" if small else "attention.json")
+
+
+def sdpa_baseline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal ``F.scaled_dot_product_attention`` as a user calls it (``Lq == Lk``): the baseline.
+
+    Not :func:`~flexprefill_torch.dense_causal_attention`, which skips SDPA's dispatch
+    where it can and so is faster than the baseline it would be measured against.
+    """
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @dataclass
@@ -94,8 +109,8 @@ def bench_one(
     q, k, v = make_inputs(workload, length, settings, device, dtype)
     layout = BlockLayout(length, length, 128)
     dense_mask = block_mask_from_active(layout.visible(device).expand(1, settings.q_heads, -1, -1), layout)
-    dense = dense_causal_attention(q, k, v)
-    sdpa_ms = median_ms(lambda: dense_causal_attention(q, k, v), device, settings.repeats)
+    dense = sdpa_baseline(q, k, v)
+    sdpa_ms = median_ms(lambda: sdpa_baseline(q, k, v), device, settings.repeats)
     flex_ms = median_ms(lambda: run_flex_attention(q, k, v, dense_mask), device, settings.repeats)
     fa4 = fa4_unusable_reason(q, k, v, 128) is None
     fa4_ms = median_ms(lambda: fa4_causal_attention(q, k, v), device, settings.repeats) if fa4 else None
@@ -130,14 +145,14 @@ def bench_one(
         def auto(c: FlexPrefillConfig = auto_config) -> torch.Tensor:
             return flex_prefill_attention(q, k, v, config=c, backend=settings.backend)
 
-        # the differences are of the size of host overhead and drift: pairs, more of them when short
-        pair = [lambda: dense_causal_attention(q, k, v), auto]
+        # the differences are of the size of host overhead and drift: alternation, more samples when short
+        fns = [lambda: sdpa_baseline(q, k, v), auto]
+        if fa4:  # the same call without FA4 (FlexAttention and SDPA's kernels): what users without it get
+            flex_config = auto_config.replace(attention_kernel="flex")
+            fns.append(lambda c=flex_config: auto(c))
         repeats = 3 * settings.repeats if length < QUEUED_BELOW else 2 * settings.repeats
-        sdpa_idle_ms, auto_ms = paired_median_ms(pair, device, repeats)
-        if length < QUEUED_BELOW:
-            sdpa_queued_ms, auto_queued_ms = paired_median_ms(pair, device, repeats, calls=QUEUED_CALLS)
-        else:
-            sdpa_queued_ms, auto_queued_ms = sdpa_idle_ms, auto_ms
+        idle = paired_median_ms(fns, device, repeats)
+        queued = paired_median_ms(fns, device, repeats, calls=QUEUED_CALLS) if length < QUEUED_BELOW else idle
         rows.append(
             {
                 "workload": workload,
@@ -155,10 +170,12 @@ def bench_one(
                 "density": info.density.mean().item(),
                 "rel_error": rel_err,
                 "speedup_vs_sdpa": sdpa_ms / total,
-                "auto_ms": auto_ms,
+                "auto_ms": idle[1],
                 "auto_path": _path(auto_info),
-                "auto_vs_sdpa": auto_ms / sdpa_idle_ms,
-                "auto_vs_sdpa_queued": auto_queued_ms / sdpa_queued_ms,
+                "auto_vs_sdpa": idle[1] / idle[0],
+                "auto_vs_sdpa_queued": queued[1] / queued[0],
+                "flex_kernel_vs_sdpa": idle[2] / idle[0] if fa4 else None,
+                "flex_kernel_vs_sdpa_queued": queued[2] / queued[0] if fa4 else None,
             }
         )
     return rows
@@ -185,7 +202,12 @@ def format_row(row: dict) -> str:
         f" {row['sparse_flex_ms']:9.2f} {_ms(row['sparse_fa4_ms'])} {row['total_ms']:9.2f}"
         f" {row['density']:7.3f} {row['rel_error']:8.2e} {row['speedup_vs_sdpa']:7.2f}"
         f" {row['auto_ms']:9.2f} {row['auto_path']:>14s} {row['auto_vs_sdpa']:9.3f} {row['auto_vs_sdpa_queued']:7.3f}"
+        f" {_ratio(row['flex_kernel_vs_sdpa'])} {_ratio(row['flex_kernel_vs_sdpa_queued'])}"
     )
+
+
+def _ratio(value: float | None) -> str:
+    return f"{'-':>9s}" if value is None else f"{value:9.3f}"
 
 
 def run_benchmark(

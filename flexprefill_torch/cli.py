@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="CPU-sized: 1k and 2k tokens, 8/2 heads, D=64")
     bench.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     bench.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/attention.json"), help="JSON output"
+        "--out", type=Path, default=None, help="JSON output (default: benchmarks/results/attention.json, attention_small.json with --small)"
     )
 
     visualize = commands.add_parser(
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
-        from .benchmark import BenchSettings, run_benchmark
+        from .benchmark import BenchSettings, default_results_path, run_benchmark
 
         settings = BenchSettings.small() if args.small else BenchSettings()
         for name in ("lengths", "workloads", "gammas", "repeats"):
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(settings, name, getattr(args, name))
         settings.backend = args.backend
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        run_benchmark(settings, args.out, device)
+        run_benchmark(settings, args.out or default_results_path(args.small), device)
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

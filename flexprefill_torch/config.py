@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -128,14 +129,12 @@ class FlexPrefillConfig:
         :data:`UNSET` values are ignored, and so is ``None`` for the fields that do not
         accept it; ``max_budget=None`` / ``max_density=None`` switch the cap / check off.
         """
-        changes = {
+        kept = {
             name: value
             for name, value in changes.items()
             if value is not UNSET and (value is not None or name in _NULLABLE)
         }
-        if not changes:
-            return self
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **kept) if kept else self
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (round-trips through ``FlexPrefillConfig(**d)``)."""
@@ -144,11 +143,22 @@ class FlexPrefillConfig:
 
 def resolve_config(config: FlexPrefillConfig | None, **overrides: Any) -> FlexPrefillConfig:
     """``config`` (or the defaults) with the keyword ``overrides`` applied (see ``replace``)."""
-    if config is not None and not isinstance(config, FlexPrefillConfig):
+    if config is None:
+        config = _DEFAULT  # frozen: the default instance is shared
+    elif not isinstance(config, FlexPrefillConfig):
         raise TypeError(
             f"config must be a FlexPrefillConfig or None, got config of type {type(config).__name__}"
         )
-    return (config or _DEFAULT).replace(**overrides)  # frozen: the default instance is shared
+    for name, value in overrides.items():  # the common case, no override, without building a dict
+        if value is not UNSET and (value is not None or name in _NULLABLE):
+            return _replaced(config, tuple(overrides.items()))
+    return config
+
+
+@functools.lru_cache(maxsize=64)
+def _replaced(config: FlexPrefillConfig, overrides: tuple[tuple[str, Any], ...]) -> FlexPrefillConfig:
+    """``config.replace(**dict(overrides))``, cached: a model calls with the same keywords per layer."""
+    return config.replace(**dict(overrides))
 
 
 def _check_real(name: str, value: Any) -> None:

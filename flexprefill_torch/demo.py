@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import dense_causal_attention, run_flex_attention, run_sparse_attention
+from .attention import run_flex_attention, run_sparse_attention
+from .benchmark import sdpa_baseline
 from .config import FlexPrefillConfig
 from .info import FlexPrefillInfo
 from .selection import flex_prefill_block_mask
@@ -83,12 +84,12 @@ def run_demo(
     if device.type == "cuda":
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - begin
-    dense_out = dense_causal_attention(q, k, v)
+    dense_out = sdpa_baseline(q, k, v)
     error = ((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm()).item()
 
     mask_ms = median_ms(build, device)
     sparse_ms = median_ms(attend, device)
-    dense_ms = median_ms(lambda: dense_causal_attention(q, k, v), device)
+    dense_ms = median_ms(lambda: sdpa_baseline(q, k, v), device)
     density = info.density.float().mean().item()
     total_ms = mask_ms + sparse_ms
     patterns = ""

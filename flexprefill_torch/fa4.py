@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -61,24 +62,32 @@ def fa4_version() -> str | None:
 def fa4_unusable_reason(q: Tensor, k: Tensor, v: Tensor, block_size: int | None = None) -> str | None:
     """``None`` if FA4 can run this attention call, else why not (one short sentence).
 
-    ``block_size``: the mask's block size (``None`` for dense attention).
+    ``block_size``: the mask's block size (``None`` for dense attention). Cheap: it runs
+    on every attention call that could use FA4.
     """
     if not q.is_cuda:
         return f"FA4 needs CUDA tensors, got device {q.device}"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"FA4 needs float16 or bfloat16 inputs, got {q.dtype}"
-    if q.shape[-1] % 16 or q.shape[-1] > 128 or v.shape[-1] != q.shape[-1]:
-        return f"FA4 is used for head_dim in 16..128 (a multiple of 16, same for v), got {q.shape[-1]} and {v.shape[-1]}"
-    if block_size is not None and block_size not in BLOCK_SIZES:
-        return f"FA4 runs masks of block size {BLOCK_SIZES}, got {block_size}"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return "FA4 is used for inference only (an input requires grad)"
-    major = torch.cuda.get_device_capability(q.device)[0]
-    if major not in COMPUTE_CAPABILITIES:
-        return f"FA4 is used on compute capability {COMPUTE_CAPABILITIES}.x GPUs, this one is {major}.x"
     if not fa4_installed():
         return "flash-attn-4 is not installed (pip install 'flexprefill-torch[fa4]')"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"FA4 needs float16 or bfloat16 inputs, got {q.dtype}"
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if head_dim % 16 or head_dim > 128 or value_dim != head_dim:
+        return f"FA4 is used for head_dim in 16..128 (a multiple of 16, same for v), got {head_dim} and {value_dim}"
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        return f"FA4 runs masks of block size {BLOCK_SIZES}, got {block_size}"
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+        return "FA4 is used for inference only (an input requires grad)"
+    major = _compute_capability(q.get_device())[0]
+    if major not in COMPUTE_CAPABILITIES:
+        return f"FA4 is used on compute capability {COMPUTE_CAPABILITIES}.x GPUs, this one is {major}.x"
     return None
+
+
+@torch.compiler.assume_constant_result
+@functools.cache
+def _compute_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 @functools.cache
@@ -99,6 +108,142 @@ def _bshd(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
 
 
+class _Slot(int):
+    """In a launch template: the position of a call's tensor (inputs, then outputs)."""
+
+
+_LEAF_TYPES = (type(None), bool, int, float, str)
+_MAX_PLANS = 64
+
+
+@dataclass(frozen=True)
+class _LaunchPlan:
+    """One recorded launch of an FA4 kernel, to repeat with other tensors of the same layout."""
+
+    kernel: Callable[..., object]  # FA4's compiled kernel (a TVM-FFI function)
+    args: tuple[object, ...]  # its arguments, the call's tensors replaced by _Slot
+    filled: tuple[int, ...]  # positions in args that hold a _Slot, or a tuple with one
+    outputs: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]  # shape, stride, dtype
+
+    def run(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        device = inputs[0].device
+        outputs = tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in self.outputs)
+        tensors = inputs + outputs
+        args = list(self.args)
+        for position in self.filled:
+            slot = args[position]
+            args[position] = tensors[slot] if type(slot) is _Slot else _fill(slot, tensors)
+        self.kernel(*args)
+        return outputs
+
+
+def _fill(template: object, tensors: tuple[Tensor, ...]) -> object:
+    if isinstance(template, _Slot):
+        return tensors[template]
+    if isinstance(template, tuple):
+        items = [_fill(item, tensors) for item in template]
+        return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
+    return template
+
+
+def _template(arg: object, slots: dict[tuple, int]) -> object:
+    """``arg`` with its tensors replaced by their slots; raises ``LookupError`` where it cannot."""
+    if isinstance(arg, Tensor):
+        return _Slot(slots[_identity(arg)])
+    if isinstance(arg, tuple):
+        items = [_template(item, slots) for item in arg]
+        return type(arg)(*items) if hasattr(arg, "_fields") else tuple(items)
+    if isinstance(arg, _LEAF_TYPES):
+        return arg
+    raise LookupError(f"unrecognised FA4 kernel argument {type(arg).__name__}")
+
+
+def _identity(t: Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
+def _has_slot(template: object) -> bool:
+    return isinstance(template, _Slot) or (isinstance(template, tuple) and any(map(_has_slot, template)))
+
+
+def _plan(calls: list[tuple[Callable, tuple]], tensors: tuple[Tensor, ...], num_outputs: int) -> _LaunchPlan | None:
+    """A plan from the kernel launches recorded in one FA4 call, or None where replaying it is unsafe.
+
+    Safe means: exactly one launch, and every tensor it got is one of the call's inputs or
+    outputs (no scratch buffers, semaphores, copies or views FA4 made on the way).
+    """
+    slots = {_identity(t): i for i, t in enumerate(tensors)}
+    if len(calls) != 1 or len(slots) != len(tensors):  # two launches, or aliased inputs
+        return None
+    kernel, args = calls[0]
+    try:
+        template = tuple(_template(arg, slots) for arg in args)
+    except LookupError:
+        return None
+    outputs = tuple((tuple(t.shape), t.stride(), t.dtype) for t in tensors[len(tensors) - num_outputs :])
+    filled = tuple(i for i, arg in enumerate(template) if _has_slot(arg))
+    return _LaunchPlan(kernel, template, filled, outputs)
+
+
+class _RecordingCache:
+    """Stands in for FA4's kernel cache during one call and records the kernels it launches."""
+
+    def __init__(self, cache: object, calls: list[tuple[Callable, tuple]]) -> None:
+        self._cache, self._calls = cache, calls
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._cache
+
+    def __setitem__(self, key: object, kernel: Callable) -> None:
+        self._cache[key] = kernel
+
+    def __getitem__(self, key: object) -> Callable:
+        kernel = self._cache[key]
+
+        def launch(*args: object) -> object:
+            self._calls.append((kernel, args))
+            return kernel(*args)
+
+        return launch
+
+
+_PLANS: dict[tuple, _LaunchPlan | None] = {}
+
+
+def _launch(key: tuple, inputs: tuple[Tensor, ...], call: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """``call()`` (an FA4 call on ``inputs`` returning its output tensors), cheaply when repeated.
+
+    FA4's Python entry spends about 70 µs of host time per call choosing and checking its
+    kernel; its compiled kernel itself takes about 12 µs to launch. The first call under
+    ``key`` (which must pin down every shape, stride, alignment, dtype and scalar the
+    kernel choice depends on) runs ``call`` and records the launch; later calls repeat it
+    with the new tensors, when :func:`_plan` found that safe.
+    """
+    plan = _PLANS.get(key, False)
+    if plan is False:
+        from flash_attn.cute.interface import _flash_attn_fwd
+
+        calls: list[tuple[Callable, tuple]] = []
+        cache = getattr(_flash_attn_fwd, "compile_cache", None)  # None: an FA4 that works otherwise
+        if cache is not None:
+            _flash_attn_fwd.compile_cache = _RecordingCache(cache, calls)
+        try:
+            outputs = call()
+        finally:
+            if cache is not None:
+                _flash_attn_fwd.compile_cache = cache
+        if len(_PLANS) >= _MAX_PLANS:
+            del _PLANS[next(iter(_PLANS))]
+        _PLANS[key] = _plan(calls, inputs + outputs, len(outputs))
+        return outputs
+    return call() if plan is None else plan.run(inputs)
+
+
+def layout_key(tensors: tuple[Tensor, ...]) -> tuple:
+    """What a launch depends on in ``tensors``: shapes, strides, dtypes and 16-byte alignment."""
+    return tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+
+
 def _block_sparse_forward(
     q: Tensor,
     k: Tensor,
@@ -113,20 +258,35 @@ def _block_sparse_forward(
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     from flash_attn.cute.interface import _flash_attn_fwd  # the entry torch's FLASH backend calls
 
-    blocks = BlockSparseTensorsTorch(
-        partial_num, partial_indices, full_num, full_indices, block_size=(block_size, block_size)
-    )
-    out, lse = _flash_attn_fwd(
-        _bshd(q), _bshd(k), _bshd(v), softmax_scale=scale, mask_mod=_causal_mask_mod(),
-        block_sparse_tensors=blocks, return_lse=True,
-    )[:2]
+    q, k, v = _detached(_bshd(q), _bshd(k), _bshd(v))
+    blocks = (partial_num, partial_indices, full_num, full_indices)
+
+    def call() -> tuple[Tensor, Tensor]:
+        sparse = BlockSparseTensorsTorch(*blocks, block_size=(block_size, block_size))
+        out, lse = _flash_attn_fwd(
+            q, k, v, softmax_scale=scale, mask_mod=_causal_mask_mod(), block_sparse_tensors=sparse, return_lse=True
+        )[:2]
+        return out, lse
+
+    inputs = (q, k, v, *blocks)
+    out, lse = _launch(("block_sparse", scale, block_size, q.device, *layout_key(inputs)), inputs, call)
     return _bshd(out), lse
 
 
 def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    return _bshd(_flash_attn_fwd(_bshd(q), _bshd(k), _bshd(v), softmax_scale=scale, causal=True)[0])
+    inputs = _detached(_bshd(q), _bshd(k), _bshd(v))
+
+    def call() -> tuple[Tensor]:
+        return (_flash_attn_fwd(*inputs, softmax_scale=scale, causal=True)[0],)
+
+    return _bshd(_launch(("causal", scale, q.device, *layout_key(inputs)), inputs, call)[0])
+
+
+def _detached(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors, detached where they require grad (the compiled kernel takes no autograd tensors)."""
+    return tuple(t.detach() if t.requires_grad else t for t in tensors)
 
 
 # Custom ops for tracing (torch.compile, fake tensors); eager calls skip their dispatch (~50 µs)

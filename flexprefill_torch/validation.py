@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -57,3 +59,41 @@ def check_v(k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"v must match k in batch, heads and seq_len, got v.shape={tuple(v.shape)}, k.shape={tuple(k.shape)}"
         )
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: float | None, backend: str) -> None:
+    """:func:`check_qk` and :func:`check_v` in one, cheap for valid input.
+
+    The detailed checks (and their messages) run only when :func:`_plainly_valid` cannot
+    vouch for the inputs: on short prompts the host time of the checks is a measurable
+    share of the whole call.
+    """
+    if not _plainly_valid(q, k, v, scale, backend):
+        check_qk(q, k, scale, backend)
+        check_v(k, v)
+
+
+def _plainly_valid(q: Tensor, k: Tensor, v: Tensor, scale: float | None, backend: str) -> bool:
+    """A sufficient (not necessary) condition for ``check_qk`` and ``check_v`` to pass."""
+    try:
+        (qb, qh, ql, qd), (kb, kh, kl, kd), (vb, vh, vl, vd) = q.shape, k.shape, v.shape
+        dtype = q.dtype
+    except (AttributeError, TypeError, ValueError):  # not tensors, or not 4 dims
+        return False
+    return (
+        isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and isinstance(v, Tensor)
+        and dtype in SUPPORTED_DTYPES
+        and dtype == k.dtype == v.dtype
+        and q.device == k.device == v.device
+        and qb == kb == vb > 0
+        and qd == kd > 0
+        and vd > 0
+        and kh == vh > 0
+        and qh % kh == 0
+        and qh > 0
+        and 0 < ql <= kl == vl
+        and (scale is None or (type(scale) is float and 0.0 < scale < math.inf))
+        and backend in BACKENDS
+    )

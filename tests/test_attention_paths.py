@@ -12,6 +12,7 @@ from flexprefill_torch import (
     flex_prefill_attention,
     flex_prefill_block_mask,
 )
+from flexprefill_torch import attention as attention_module
 from flexprefill_torch.attention import default_kernel_options, dense_attention
 from flexprefill_torch.fa4 import fa4_unusable_reason
 from flexprefill_torch.reference import masked_attention_reference
@@ -128,7 +129,6 @@ def test_fa4_runs_flexprefill_masks_only(monkeypatch) -> None:
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    from flexprefill_torch import attention as attention_module
 
     q, k, v = _peaked(256, 256)
     mask = flex_prefill_block_mask(q, k, config=CONFIG)
@@ -163,3 +163,25 @@ def test_fa4_ops_have_fake_implementations() -> None:
     assert out.shape == dense.shape == q.shape and out.dtype == torch.bfloat16
     assert out.transpose(1, 2).is_contiguous() and dense.transpose(1, 2).is_contiguous()
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+
+
+def test_dense_attention_routes_by_query_count(monkeypatch) -> None:
+    """``"auto"`` takes FA4 (stubbed here) from FA4_DENSE_MIN_QUERIES queries on, SDPA below and for decode."""
+    calls: list[int] = []
+
+    def fa4_stub(q, k, v, scale=None):
+        calls.append(q.shape[-2])
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(attention_module, "fa4_unusable_reason", lambda *args: None)  # as if FA4 could run
+    monkeypatch.setattr(attention_module, "fa4_causal_attention", fa4_stub)
+    n = attention_module.FA4_DENSE_MIN_QUERIES
+    q, k, v = (torch.randn(1, h, n, 8) for h in (2, 1, 1))
+    assert attention_module.dense_attention(q, k, v).abs().sum() == 0 and calls == [n]
+    few = q[:, :, 1:]  # one query fewer, same keys: SDPA
+    torch.testing.assert_close(attention_module.dense_attention(few, k, v), dense_causal_attention(few, k, v))
+    torch.testing.assert_close(attention_module.dense_attention(q, k, v, kernel="flex"), dense_causal_attention(q, k, v))
+    attention_module.dense_attention(q[:, :, :2], k[:, :, :2], v[:, :, :2], kernel="fa4")  # forced: FA4 at 2 queries
+    decode = q[:, :, -1:]
+    torch.testing.assert_close(attention_module.dense_attention(decode, k, v, kernel="fa4"), dense_causal_attention(decode, k, v))
+    assert calls == [n, 2]

@@ -94,3 +94,27 @@ def test_timing_report(cuda, seq_len):
         f"sparse_attn={sparse_ms:.2f}ms sdpa={sdpa_ms:.2f}ms speedup={sdpa_ms / (build_ms + sparse_ms):.2f}x"
     )
     assert math.isfinite(build_ms) and math.isfinite(sparse_ms)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_dense_causal_attention_runs_cudnn_directly(cuda, kv_heads):
+    """Where SDPA picks cuDNN, the direct cuDNN call gives SDPA's output; switched off, SDPA runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flexprefill_torch import attention
+
+    gen = torch.Generator(device=cuda).manual_seed(0)
+    q, k, v = (torch.randn(1, h, 1024, 128, device=cuda, dtype=torch.bfloat16, generator=gen) for h in (8, kv_heads, kv_heads))
+    gqa = kv_heads != 8
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if not attention._sdpa_picks_cudnn(q, k, v, None, gqa):
+        pytest.skip("SDPA does not pick cuDNN on this GPU")
+    torch.testing.assert_close(dense_causal_attention(q, k, v), sdpa)
+    torch.testing.assert_close(dense_causal_attention(q, k, v, scale=0.05), F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.05, enable_gqa=gqa))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        assert not attention._sdpa_picks_cudnn(q, k, v, None, gqa)
+        flash = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        torch.testing.assert_close(dense_causal_attention(q, k, v), flash, atol=0, rtol=0)
+    q.requires_grad_(True)  # gradients: through SDPA, which records the graph
+    assert dense_causal_attention(q, k, v).grad_fn is not None

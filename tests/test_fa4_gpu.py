@@ -15,6 +15,7 @@ import torch
 
 from flexprefill_torch import attention as attention_module
 from flexprefill_torch import dense_causal_attention, flex_prefill_attention, flex_prefill_block_mask
+from flexprefill_torch import fa4 as fa4_module
 from flexprefill_torch.attention import run_flex_attention, run_sparse_attention
 from flexprefill_torch.config import FlexPrefillConfig
 from flexprefill_torch.fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason
@@ -97,9 +98,42 @@ def test_dense_fallback_uses_fa4_on_large_calls(fa4):
     out, info = flex_prefill_attention(q, k, v, min_seq_len=16384, return_info=True)
     assert not info.sparse
     torch.testing.assert_close(out, fa4_causal_attention(q, k, v), atol=0, rtol=0)
-    small = [x[:, :, -2048:] for x in (q, k, v)]  # below FA4_DENSE_MIN_WORK: SDPA
-    out = flex_prefill_attention(*small, min_seq_len=16384)
-    torch.testing.assert_close(out, dense_causal_attention(*small), atol=0, rtol=0)
+    few = q[:, :, -256:]  # fewer queries than FA4_DENSE_MIN_QUERIES: SDPA
+    out = flex_prefill_attention(few, k, v, min_seq_len=16384)
+    torch.testing.assert_close(out, dense_causal_attention(few, k, v), atol=0, rtol=0)
+
+
+def test_recorded_launches_give_the_entry_s_output(fa4, monkeypatch):
+    """Repeated FA4 calls replay the first call's kernel launch: same output as FA4's entry."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    monkeypatch.setattr(fa4_module, "_PLANS", {})
+    q, k, v = _inputs(fa4, 1, 8, 2, 4096, 128, seed=7)
+    first = fa4_causal_attention(q, k, v)
+    fa4_block_sparse_attention(q, k, v, flex_prefill_block_mask(q, k, config=CONFIG))
+    assert len(fa4_module._PLANS) == 2
+    assert all(plan is not None for plan in fa4_module._PLANS.values()), "FA4's launches were not recorded"
+
+    q2, k2, v2 = _inputs(fa4, 1, 8, 2, 4096, 128, seed=8)
+    mask2 = flex_prefill_block_mask(q2, k2, config=CONFIG)
+    replayed = fa4_causal_attention(q2, k2, v2)
+    replayed_sparse, replayed_lse = fa4_block_sparse_attention(q2, k2, v2, mask2)
+    assert len(fa4_module._PLANS) == 2, "a repeated layout was recorded again"
+    entry = _flash_attn_fwd(*(x.transpose(1, 2) for x in (q2, k2, v2)), softmax_scale=128**-0.5, causal=True)[0]
+    torch.testing.assert_close(replayed, entry.transpose(1, 2), atol=0, rtol=0)
+    monkeypatch.setattr(fa4_module, "_PLANS", {})  # through the entry again
+    entry_sparse, entry_lse = fa4_block_sparse_attention(q2, k2, v2, mask2)
+    torch.testing.assert_close(replayed_sparse, entry_sparse, atol=0, rtol=0)
+    torch.testing.assert_close(replayed_lse, entry_lse, atol=0, rtol=0)
+    ref, ref_lse = run_flex_attention(q2, k2, v2, mask2, return_lse=True)
+    assert _rel(replayed_sparse, ref) < 1e-2
+
+    # a query 2 bytes off 16-byte alignment: FA4 copies it, so that launch is not replayed
+    buffer = torch.empty(q.numel() + 8, device=fa4, dtype=q.dtype)
+    shifted = buffer[1 : q.numel() + 1].view(q.shape).copy_(q)
+    for _ in range(2):
+        torch.testing.assert_close(fa4_causal_attention(shifted, k, v), first, atol=0, rtol=0)
+    assert None in fa4_module._PLANS.values()
 
 
 def test_compile_fullgraph_and_cuda_graph(fa4):

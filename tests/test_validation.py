@@ -386,3 +386,43 @@ def test_none_keywords_switch_off_nullable_fields_only() -> None:
     assert resolve_config(config, max_density=None).max_density is None
     assert resolve_config(config).max_budget == 4096 and resolve_config(config).max_density == 0.5
     assert resolve_config(config, gamma=None).gamma == 0.8
+
+
+_DIMS = st.integers(min_value=0, max_value=3)
+
+
+@given(
+    shapes=st.lists(st.lists(_DIMS, min_size=3, max_size=5), min_size=3, max_size=3),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int32]), min_size=3, max_size=3),
+    devices=st.lists(st.sampled_from(["cpu", "meta"]), min_size=3, max_size=3),
+    scale=st.sampled_from([None, 0.5, 2, -1.0, 0.0, math.inf, math.nan, True]),
+    backend=st.sampled_from(["auto", "triton", "reference", "cuda"]),
+)
+def test_fast_validation_vouches_only_for_valid_input(shapes, dtypes, devices, scale, backend) -> None:
+    """The cheap check of the short path passes only inputs the detailed checks pass."""
+    from flexprefill_torch.validation import _plainly_valid, check_qk, check_qkv, check_v
+
+    q, k, v = (torch.empty(s, dtype=t, device=d) for s, t, d in zip(shapes, dtypes, devices, strict=True))
+    try:
+        check_qk(q, k, scale, backend)
+        check_v(k, v)
+        valid = True
+    except (TypeError, ValueError):
+        valid = False
+    if _plainly_valid(q, k, v, scale, backend):
+        assert valid, "the fast check passed input the detailed checks reject"
+    if valid:
+        check_qkv(q, k, v, scale, backend)
+    else:
+        with pytest.raises((TypeError, ValueError)):
+            check_qkv(q, k, v, scale, backend)
+
+
+def test_fast_validation_passes_the_common_call() -> None:
+    from flexprefill_torch.validation import _plainly_valid
+
+    q, k, v = qkv(dtype=torch.bfloat16)
+    assert _plainly_valid(q, k, v, None, "auto")
+    assert _plainly_valid(q, k, v, 0.125, "triton")
+    assert not _plainly_valid(q, k, v[..., :-1, :], None, "auto")
+    assert not _plainly_valid(q, "k", v, None, "auto")
