@@ -13,7 +13,15 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .block_mask import active_from_block_mask, block_mask_from_active, has_causal_mask_mod
-from .config import UNSET, AttentionKernel, FlexPrefillConfig, QueryAwareSelection, resolve_config
+from .config import (
+    FA4_MIN_SEQ_LEN,
+    FLEX_MIN_SEQ_LEN,
+    UNSET,
+    AttentionKernel,
+    FlexPrefillConfig,
+    QueryAwareSelection,
+    resolve_config,
+)
 from .fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason, layout_key
 from .info import FlexPrefillInfo
 from .kernels._utils import tracing
@@ -214,6 +222,22 @@ def _sdpa_picks_cudnn(q: Tensor, k: Tensor, v: Tensor, scale: float | None, gqa:
     return choice
 
 
+def is_short_prompt(q: Tensor, k: Tensor, v: Tensor, config: FlexPrefillConfig) -> bool:
+    """Whether :func:`flex_prefill_attention` runs dense attention for the length alone.
+
+    True for ``Lq == 1`` and for ``Lq`` below ``config.effective_min_seq_len``, which with
+    ``min_seq_len=None`` depends on whether FA4 would run this call (looked up only for
+    lengths between the two defaults).
+    """
+    q_len = q.shape[-2]
+    if q_len == 1:
+        return True
+    if config.min_seq_len is not None or not FA4_MIN_SEQ_LEN <= q_len < FLEX_MIN_SEQ_LEN:
+        return q_len < config.effective_min_seq_len(fa4=False)
+    fa4 = config.attention_kernel != "flex" and fa4_unusable_reason(q, k, v, config.block_size) is None
+    return q_len < config.effective_min_seq_len(fa4)
+
+
 def _density_rule_applies(q: Tensor, config: FlexPrefillConfig, return_lse: bool) -> bool:
     """Whether the ``max_density`` rule runs: set, no lse requested, eager (it syncs the host)."""
     if config.max_density is None or return_lse or torch.compiler.is_compiling():
@@ -264,7 +288,8 @@ def flex_prefill_attention(
         ``return_info``. The attention kernel is the config's ``attention_kernel`` (FA4
         where it can run, else compiled FlexAttention and SDPA). The attention is dense
         (FA4's causal forward, or SDPA) when ``Lq == 1`` (always SDPA), when
-        ``Lq < min_seq_len``, or, in eager mode, when the mask would be denser than
+        ``Lq < min_seq_len`` (``None``: 16384 where FA4 runs the call, else 32768; see
+        :func:`is_short_prompt`), or, in eager mode, when the mask would be denser than
         ``max_density``: with the Triton pipeline judged on the pattern stage's forecast
         (``info.predicted_density``; the block selection is then skipped), with the
         reference on the built mask (the info still describes it). With ``return_lse`` the
@@ -286,7 +311,7 @@ def flex_prefill_attention(
     )
     kernel = config.attention_kernel
     q_len = q.shape[-2]
-    short = q_len == 1 or q_len < config.min_seq_len
+    short = is_short_prompt(q, k, v, config)
     if short and not (return_lse or return_info):  # the common short-prompt call: host time matters
         return dense_attention(q, k, v, scale, kernel)
     layout = BlockLayout(q_len, k.shape[-2], config.block_size)

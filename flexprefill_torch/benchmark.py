@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .attention import (
     flex_prefill_attention,
+    is_short_prompt,
     run_flex_attention,
     run_sparse_attention,
 )
@@ -171,7 +172,7 @@ def bench_one(
                 "rel_error": rel_err,
                 "speedup_vs_sdpa": sdpa_ms / total,
                 "auto_ms": idle[1],
-                "auto_path": _path(auto_info),
+                "auto_path": _path(auto_info, is_short_prompt(q, k, v, auto_config)),
                 "auto_vs_sdpa": idle[1] / idle[0],
                 "auto_vs_sdpa_queued": queued[1] / queued[0],
                 "flex_kernel_vs_sdpa": idle[2] / idle[0] if fa4 else None,
@@ -181,13 +182,13 @@ def bench_one(
     return rows
 
 
-def _path(info: FlexPrefillInfo) -> str:
-    """Which attention ``flex_prefill_attention`` ran, from its info."""
+def _path(info: FlexPrefillInfo, short: bool) -> str:
+    """Which attention ``flex_prefill_attention`` ran, from its info (``short``: the prompt was)."""
     if info.sparse:
         return "sparse"
     if info.predicted_density is not None:
         return "dense:forecast"
-    return "dense:short" if info.layout.q_len < info.config.min_seq_len else "dense:density"
+    return "dense:short" if short else "dense:density"
 
 
 def _ms(value: float | None, width: int = 9) -> str:

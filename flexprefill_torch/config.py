@@ -26,6 +26,16 @@ _NULLABLE = frozenset({"max_budget", "max_density"})
 
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
+FLEX_MIN_SEQ_LEN = 32768
+"""Default ``min_seq_len`` with compiled FlexAttention: from 32k tokens on the sparse path
+(mask build + FlexAttention) beat SDPA on an H200; below, it did not reliably."""
+
+FA4_MIN_SEQ_LEN = 16384
+"""Default ``min_seq_len`` where FA4 runs the attention: at 16k tokens the sparse path
+(mask build + FA4's block-sparse forward) took 0.52-0.65× SDPA's time on the structured
+input, and a near-uniform input goes dense on the forecast (FA4's causal forward); at 8k
+the mask build is not repaid (H200, ``docs/benchmarks.md``)."""
+
 
 @dataclass(frozen=True)
 class FlexPrefillConfig:
@@ -47,8 +57,10 @@ class FlexPrefillConfig:
             whole normalised block map) or ``"per_row"`` (Appendix F.4: a γ-prefix in
             every query-block row).
         min_seq_len: queries shorter than this use plain dense attention in
-            :func:`flex_prefill_attention`; ``0`` forces the sparse path. The default is
-            the measured crossover on an H200 (``docs/benchmarks.md``).
+            :func:`flex_prefill_attention`; ``0`` forces the sparse path. ``None`` (the
+            default): the measured crossover on an H200 of the kernel that runs the
+            attention, :data:`FA4_MIN_SEQ_LEN` where FA4 runs it, else
+            :data:`FLEX_MIN_SEQ_LEN` (``docs/benchmarks.md``).
         max_density: when the mean density of the built mask exceeds this,
             :func:`flex_prefill_attention` runs dense SDPA instead, because sparse
             FlexAttention would be slower. Checked only in eager mode (one host sync; not
@@ -68,7 +80,7 @@ class FlexPrefillConfig:
     min_budget: int = 1024
     max_budget: int | None = None
     query_aware_selection: QueryAwareSelection = "global"
-    min_seq_len: int = 32768
+    min_seq_len: int | None = None
     max_density: float | None = 0.7
     attention_kernel: AttentionKernel = "auto"
 
@@ -97,9 +109,10 @@ class FlexPrefillConfig:
                 "query_aware_selection must be 'global' or 'per_row', "
                 f"got query_aware_selection={self.query_aware_selection!r}"
             )
-        _check_int("min_seq_len", self.min_seq_len)
-        if self.min_seq_len < 0:
-            raise ValueError(f"min_seq_len must be >= 0, got min_seq_len={self.min_seq_len!r}")
+        if self.min_seq_len is not None:
+            _check_int("min_seq_len", self.min_seq_len)
+            if self.min_seq_len < 0:
+                raise ValueError(f"min_seq_len must be None or >= 0, got min_seq_len={self.min_seq_len!r}")
         if self.max_density is not None:
             _check_real("max_density", self.max_density)
             if not 0.0 < self.max_density <= 1.0:
@@ -122,6 +135,12 @@ class FlexPrefillConfig:
         if self.max_budget is None:
             return None
         return math.ceil(self.max_budget / self.block_size)
+
+    def effective_min_seq_len(self, fa4: bool) -> int:
+        """``min_seq_len``, or where it is None the crossover of the kernel (FA4 or FlexAttention)."""
+        if self.min_seq_len is not None:
+            return self.min_seq_len
+        return FA4_MIN_SEQ_LEN if fa4 else FLEX_MIN_SEQ_LEN
 
     def replace(self, **changes: Any) -> FlexPrefillConfig:
         """A copy with ``changes`` applied (validated).

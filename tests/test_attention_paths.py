@@ -185,3 +185,27 @@ def test_dense_attention_routes_by_query_count(monkeypatch) -> None:
     decode = q[:, :, -1:]
     torch.testing.assert_close(attention_module.dense_attention(decode, k, v, kernel="fa4"), dense_causal_attention(decode, k, v))
     assert calls == [n, 2]
+
+
+def test_default_min_seq_len_follows_the_kernel(monkeypatch) -> None:
+    """``min_seq_len=None``: 16384 where FA4 would run the call (stubbed here), 32768 otherwise."""
+    from flexprefill_torch.config import FA4_MIN_SEQ_LEN, FLEX_MIN_SEQ_LEN
+
+    config = FlexPrefillConfig()
+    assert config.min_seq_len is None
+    mid = torch.empty(1, 2, FA4_MIN_SEQ_LEN, 8, device="meta")
+    long = torch.empty(1, 2, FLEX_MIN_SEQ_LEN, 8, device="meta")
+    short = torch.empty(1, 2, FA4_MIN_SEQ_LEN - 1, 8, device="meta")
+    decode = torch.empty(1, 2, 1, 8, device="meta")
+    short_prompt = attention_module.is_short_prompt
+    assert short_prompt(mid, mid, mid, config), "FlexAttention (no FA4 on CPU/meta): 32768"
+    assert not short_prompt(long, long, long, config)
+    monkeypatch.setattr(attention_module, "fa4_unusable_reason", lambda *args: None)  # as if FA4 could run
+    assert not short_prompt(mid, mid, mid, config), "where FA4 runs: 16384"
+    assert short_prompt(short, short, short, config) and short_prompt(decode, long, long, config)
+    assert short_prompt(mid, mid, mid, config.replace(attention_kernel="flex"))
+    assert short_prompt(mid, mid, mid, config.replace(min_seq_len=FA4_MIN_SEQ_LEN + 1)), "an explicit value wins"
+    assert not short_prompt(short, short, short, config.replace(min_seq_len=0))
+    assert config.effective_min_seq_len(fa4=True) == FA4_MIN_SEQ_LEN
+    assert config.effective_min_seq_len(fa4=False) == FLEX_MIN_SEQ_LEN
+    assert config.replace(min_seq_len=5).effective_min_seq_len(fa4=True) == 5

@@ -103,6 +103,16 @@ def test_dense_fallback_uses_fa4_on_large_calls(fa4):
     torch.testing.assert_close(out, dense_causal_attention(few, k, v), atol=0, rtol=0)
 
 
+def test_default_min_seq_len_is_fa4_s_crossover(fa4):
+    """With FA4, a 16k structured prompt runs sparse under the default config (FlexAttention's default: 32k)."""
+    q, k, v = _inputs(fa4, 1, 8, 2, 16384, 128, seed=9)
+    out, info = flex_prefill_attention(q, k, v, return_info=True)
+    assert info.sparse, "the default min_seq_len did not follow FA4's crossover"
+    flex, flex_info = flex_prefill_attention(q, k, v, attention_kernel="flex", return_info=True)
+    assert not flex_info.sparse
+    assert _rel(out, flex) < 0.5  # sparse against dense (γ=0.9 on this input: about 0.25); garbage is > 1
+
+
 def test_recorded_launches_give_the_entry_s_output(fa4, monkeypatch):
     """Repeated FA4 calls replay the first call's kernel launch: same output as FA4's entry."""
     from flash_attn.cute.interface import _flash_attn_fwd

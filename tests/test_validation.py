@@ -426,3 +426,14 @@ def test_fast_validation_passes_the_common_call() -> None:
     assert _plainly_valid(q, k, v, 0.125, "triton")
     assert not _plainly_valid(q, k, v[..., :-1, :], None, "auto")
     assert not _plainly_valid(q, "k", v, None, "auto")
+
+
+def test_min_seq_len_none_is_the_kernel_default() -> None:
+    config = FlexPrefillConfig()
+    assert config.min_seq_len is None
+    assert FlexPrefillConfig(**config.to_dict()) == config
+    assert resolve_config(config, min_seq_len=None) is config  # the keyword's None leaves it as it is
+    with pytest.raises(ValueError, match=r"min_seq_len must be None or >= 0, got min_seq_len=-5"):
+        FlexPrefillConfig(min_seq_len=-5)
+    with pytest.raises(ValueError, match=r"min_seq_len must be an integer, got min_seq_len=1.5"):
+        FlexPrefillConfig(min_seq_len=1.5)

@@ -474,7 +474,8 @@ def _attend(
     """Unpadded attention ``[B, Hq, Lq, Dv]`` of the last ``Lq`` positions, its path and info.
 
     ``method``: another mask builder and its knobs (see :func:`patch_model`), used for
-    prefills of at least ``config.min_seq_len`` queries instead of FlexPrefill.
+    prefills of at least ``config.effective_min_seq_len(fa4=False)`` queries (the methods run
+    with FlexAttention) instead of FlexPrefill.
     """
     window = _binding_window(sliding_window, k.shape[2])
     if q.shape[2] > 1:
@@ -489,7 +490,7 @@ def _attend(
     if window is not None:
         out = decode_attention(q, k, v, scale, window, None)
         return out, "dense", _dense_info(q, k, config) if want_info else None
-    if method is not None and q.shape[2] > 1 and q.shape[2] >= config.min_seq_len:
+    if method is not None and q.shape[2] > 1 and q.shape[2] >= config.effective_min_seq_len(fa4=False):
         builder, options, takes_scale = method
         if takes_scale:
             options = {**options, "scale": scale}
