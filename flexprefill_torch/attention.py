@@ -194,8 +194,9 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, gqa: bool
 
     Where SDPA would run cuDNN's kernel on these inputs, that kernel is called directly:
     on an H200 SDPA's dispatch around it cost 6-18 µs per call from an idle GPU, a share
-    of a short prompt's attention (``docs/kernels.md``). Same kernel, same output. Calls that need gradients, traced calls, and cuDNN switched off (e.g.
-    by ``torch.nn.attention.sdpa_kernel``) go through SDPA.
+    of a short prompt's attention (``docs/kernels.md``). Same kernel, same output. Calls
+    that need gradients, traced calls, and cuDNN switched off (e.g. by
+    ``torch.nn.attention.sdpa_kernel``) go through SDPA.
     """
     if q.is_cuda and _sdpa_picks_cudnn(q, k, v, scale, gqa):
         return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False, scale=scale)[0]

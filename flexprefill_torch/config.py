@@ -32,7 +32,7 @@ FLEX_MIN_SEQ_LEN = 32768
 
 FA4_MIN_SEQ_LEN = 16384
 """Default ``min_seq_len`` where FA4 runs the attention: at 16k tokens the sparse path
-(mask build + FA4's block-sparse forward) took 0.52-0.65× SDPA's time on the structured
+(mask build + FA4's block-sparse forward) took 0.47-0.73× SDPA's time on the structured
 input, and a near-uniform input goes dense on the forecast (FA4's causal forward); at 8k
 the mask build is not repaid (H200, ``docs/benchmarks.md``)."""
 
@@ -170,7 +170,10 @@ def resolve_config(config: FlexPrefillConfig | None, **overrides: Any) -> FlexPr
         )
     for name, value in overrides.items():  # the common case, no override, without building a dict
         if value is not UNSET and (value is not None or name in _NULLABLE):
-            return _replaced(config, tuple(overrides.items()))
+            try:
+                return _replaced(config, tuple(overrides.items()))
+            except TypeError:  # an unhashable value: the uncached replace names what is wrong
+                return config.replace(**overrides)
     return config
 
 

@@ -437,3 +437,13 @@ def test_min_seq_len_none_is_the_kernel_default() -> None:
         FlexPrefillConfig(min_seq_len=-5)
     with pytest.raises(ValueError, match=r"min_seq_len must be an integer, got min_seq_len=1.5"):
         FlexPrefillConfig(min_seq_len=1.5)
+
+
+def test_unhashable_override_gets_the_named_error() -> None:
+    """Overrides are cached by value; an unhashable one still gets the message naming it."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"gamma must be a real number, got gamma=\[0.9\]"):
+        flex_prefill_attention(q, k, v, gamma=[0.9])
+    with pytest.raises(ValueError, match=r"gamma must be a real number, got gamma=\[0.9\]"):
+        resolve_config(None, gamma=[0.9])
+    assert resolve_config(None, gamma=0.5) is resolve_config(None, gamma=0.5)  # cached
