@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="CPU-sized: 1k and 2k tokens, 8/2 heads, D=64")
     bench.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     bench.add_argument(
-        "--out", type=Path, default=None, help="JSON output (default: benchmarks/results/attention.json, attention_small.json with --small)"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default: benchmarks/results/attention.json; attention_small.json with --small)",
     )
 
     visualize = commands.add_parser(

@@ -127,7 +127,9 @@ class _LaunchPlan:
 
     def run(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         device = inputs[0].device
-        outputs = tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in self.outputs)
+        outputs = tuple(
+            torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype in self.outputs
+        )
         tensors = inputs + outputs
         args = list(self.args)
         for position in self.filled:
