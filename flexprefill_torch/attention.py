@@ -76,11 +76,16 @@ def run_flex_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Compiled FlexAttention with ``block_mask`` (GQA handled); ``(out, lse)`` if ``return_lse``.
 
-    ``kernel_options=None`` uses :func:`default_kernel_options`.
+    ``kernel_options=None`` uses :func:`default_kernel_options`. Non-contiguous inputs
+    (transformers' transposed projections, cache tensors, row slices of padded batches) are
+    copied first: one memory layout for every call keeps the compiled kernel from
+    recompiling on stride and storage-offset guards; the copy is small next to the
+    attention. (The dense paths take such views as they are.)
 
     Compiled FlexAttention on CPU cannot return the log-sum-exp; there ``return_lse`` runs
     :func:`masked_attention_reference` on the mask's active blocks (dense memory).
     """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if kernel_options is None:
         kernel_options = default_kernel_options(q, block_mask.BLOCK_SIZE[1])
     kwargs: dict[str, Any] = {

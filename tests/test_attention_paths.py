@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from flexprefill_torch import (
     FlexPrefillConfig,
@@ -13,8 +14,10 @@ from flexprefill_torch import (
     flex_prefill_block_mask,
 )
 from flexprefill_torch import attention as attention_module
-from flexprefill_torch.attention import default_kernel_options, dense_attention
+from flexprefill_torch.attention import default_kernel_options, dense_attention, run_flex_attention
+from flexprefill_torch.block_mask import block_mask_from_active
 from flexprefill_torch.fa4 import fa4_unusable_reason
+from flexprefill_torch.layout import BlockLayout
 from flexprefill_torch.reference import masked_attention_reference
 from flexprefill_torch.synthetic import structured_qkv
 
@@ -209,3 +212,25 @@ def test_default_min_seq_len_follows_the_kernel(monkeypatch) -> None:
     assert config.effective_min_seq_len(fa4=True) == FA4_MIN_SEQ_LEN
     assert config.effective_min_seq_len(fa4=False) == FLEX_MIN_SEQ_LEN
     assert config.replace(min_seq_len=5).effective_min_seq_len(fa4=True) == 5
+
+
+def test_run_flex_attention_gives_the_compiled_kernel_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strided inputs (transposed projections) reach the compiled FlexAttention contiguous,
+    so its stride guards never see a second layout; the result is the same."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    seen: list[tuple[bool, ...]] = []
+
+    def spy(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+        seen.append((q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
+        return flex_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_module, "compiled_flex_attention", lambda: spy)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, heads, 16, generator=gen).transpose(1, 2) for heads in (4, 2, 2))
+    layout = BlockLayout(64, 64, 16)
+    mask = block_mask_from_active(layout.visible(q.device).expand(1, 4, -1, -1), layout)
+    strided = run_flex_attention(q, k, v, mask)
+    dense = run_flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask)
+    assert seen == [(True, True, True)] * 2
+    torch.testing.assert_close(strided, dense, rtol=0, atol=0)

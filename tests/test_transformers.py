@@ -422,6 +422,26 @@ def test_sliding_window_beyond_the_window_in_decode_and_chunks() -> None:
             torch.testing.assert_close(out, ref_decode[step], **EXACT)
 
 
+def test_dense_prefill_takes_the_projections_as_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short prompt's dense attention gets transformers' transposed query view, not a copy
+    (SDPA takes it as it is); only the compiled FlexAttention wants one layout. (Keys and
+    values come out of the cache contiguous here.)"""
+    import flexprefill_torch.integrations.transformers as integration
+
+    model, _ = build("llama")
+    patch_model(model)  # defaults: SEQ tokens is a short prompt, dense attention
+    seen: list[bool] = []
+    real = integration.flex_prefill_attention
+
+    def spy(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+        seen.append(q.is_contiguous())
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(integration, "flex_prefill_attention", spy)
+    logits(model, tokens(1, SEQ))
+    assert seen == [False] * COMMON["num_hidden_layers"]
+
+
 @pytest.mark.slow
 def test_prompt_lengths_padding_and_chunks_do_not_recompile() -> None:
     """After one warm-up of each kind, new lengths, chunks and padded rows reuse the kernel."""

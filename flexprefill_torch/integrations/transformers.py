@@ -478,11 +478,6 @@ def _attend(
     with FlexAttention) instead of FlexPrefill.
     """
     window = _binding_window(sliding_window, k.shape[2])
-    if q.shape[2] > 1:
-        # One memory layout for every prefill keeps the compiled FlexAttention from
-        # recompiling on stride and storage-offset guards (transposed projections, cache
-        # tensors, row slices of padded batches); the copy is small next to the attention.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if window is not None and q.shape[2] > 1:
         out, active = sliding_window_attention(q, k, v, window, config.block_size, scale)
         info = _window_info(active, q, k, config) if want_info else None

@@ -36,8 +36,14 @@ kernel):
   program and in scan order, the entries inside its prefix (round 2: those with the
   crossing's sign and exponent; round 3: and its 4 leading mantissa bits); the later
   rounds scan that short list instead of the map (the map again if the list
-  outgrew its room). After the last round each program writes its rows: forced, or ``x``
-  at or above the threshold, and the cap. When ``Lq == Lk`` the scan is folded
+  outgrew its room). A list round also gathers the head's entries still inside the
+  prefix into one shared list (:func:`_share`, slots reserved by an atomic counter);
+  once that list is complete (``shared_cells``, 256 entries: at 8k–32k, from the first
+  list round on), each program sorts it and reads the crossing off the running mass
+  (:func:`_shared_crossing`), which ends the search: the radix rounds left, each with its
+  barrier, are skipped (on an H200 at 32k the kernel went from 55 to 44 µs). After the
+  last round each program writes its rows: forced, or ``x`` at or above the threshold,
+  and the cap. When ``Lq == Lk`` the scan is folded
   (:func:`_unit_cells`): row ``i`` has free blocks ``1..i-1`` only, so rows ``i`` and
   ``nq - 1 - i`` share one tile row, which halves the work of a round.
 """
@@ -96,10 +102,10 @@ def _strongest(key, visible, min_blocks, FEW: tl.constexpr):
 @triton.jit
 def _rows_kernel(
     logits_ptr, flags_ptr, q_bad_ptr, true_ptr, slash_ptr, vsel_ptr, ssel_ptr, active_ptr, flags_out_ptr,
-    x_ptr, base_ptr, count_ptr, octave_ptr,
+    x_ptr, base_ptr, count_ptr, octave_ptr, shared_count_ptr,
     q_len, kv_len, n_q_blocks, n_kv_blocks, min_blocks, max_blocks, gamma_hi, gamma_lo, top_exponent,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, ROWS: tl.constexpr,
-    PER_ROW: tl.constexpr, CAP: tl.constexpr, FEW: tl.constexpr, OCTAVES: tl.constexpr,
+    PER_ROW: tl.constexpr, CAP: tl.constexpr, FEW: tl.constexpr, OCTAVES: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     # PER_ROW is also set when the global buffers (x, base) are not allocated
     bh = tl.program_id(1)
@@ -149,8 +155,10 @@ def _rows_kernel(
             tl.store(x_ptr + cells, tl.where(forced, -2.0, tl.where(visible, x, -1.0)), mask=in_map)
             base = tl.sum(tl.where(forced, x, 0.0).to(tl.float64), axis=1)
             tl.store(base_ptr + rows, base, mask=i < n_q_blocks)
-            if tl.program_id(0) == 0:  # the barrier counter of _threshold_kernel
+            if tl.program_id(0) == 0:  # the barrier counter and shared-list counters of _threshold_kernel
                 tl.store(count_ptr + bh, 0)
+                rounds = tl.arange(0, 16)
+                tl.store(shared_count_ptr + bh * ROUNDS + rounds, 0, mask=rounds < ROUNDS)
             # the threshold's first step: the mass of the free entries per octave below 2^top_exponent
             octave = tl.minimum(tl.maximum(top_exponent - (float_key(x) >> 23), 0), OCTAVES + 1)
             octave = tl.where(visible & ~forced, octave, OCTAVES + 1)
@@ -305,13 +313,54 @@ def _bucket_mass(x_ptr, kept_ptr, bh, units, offset, q_len, n_q_blocks, n_kv_blo
 
 
 @triton.jit
+def _share(x, inside, shared_ptr, shared_count_ptr, SHARED_CAP: tl.constexpr):
+    """Append the entries of ``x`` (1-D) that are ``inside`` to the head's shared list.
+
+    Each call reserves its slots with one atomic on the round's counter, so the list's
+    order depends on timing; its reader sorts it. Entries past ``SHARED_CAP`` are dropped,
+    and the counter, which still counts them, tells the reader the list is incomplete.
+    """
+    flat = inside.to(tl.int32)
+    n = tl.sum(flat, axis=0)
+    if n > 0:
+        start = tl.atomic_add(shared_count_ptr, n)
+        slot = start + tl.cumsum(flat, axis=0) - 1
+        tl.store(shared_ptr + slot, x, mask=(flat > 0) & (slot < SHARED_CAP))
+
+
+@triton.jit
+def _shared_crossing(shared_ptr, shared_count_ptr, reached, gamma, SHARED_CAP: tl.constexpr):
+    """The key of the γ-crossing among the head's shared list, or ``-1``.
+
+    The list holds every free entry inside the current prefix (``reached`` being the mass
+    forced or above it) when its counter is at most ``SHARED_CAP``: sorted in descending
+    order, the crossing is the first entry at which ``reached`` plus the running mass
+    reaches γ, and its key is the final threshold (the radix rounds left would find the
+    same key, up to the float64 rounding of the sums). Every program of the head reads the
+    same list, so all find the same key. ``-1`` when the list is incomplete, or when its
+    sums fall short of γ by rounding; the radix rounds then go on.
+    """
+    total = tl.load(shared_count_ptr, cache_modifier=".cg")
+    key = total * 0 - 1
+    if total <= SHARED_CAP:
+        slots = tl.arange(0, SHARED_CAP)
+        x = tl.load(shared_ptr + slots, mask=slots < total, other=-1.0, cache_modifier=".cg")
+        x = tl.sort(x, descending=True)
+        mass = tl.cumsum(tl.where(x >= 0.0, x, 0.0).to(tl.float64), axis=0)
+        at = tl.min(tl.where((x >= 0.0) & (reached + mass >= gamma), slots, SHARED_CAP), axis=0)
+        if at < SHARED_CAP:
+            key = tl.sum(tl.where(slots == at, x, 0.0), axis=0).to(tl.int32, bitcast=True)
+    return key
+
+
+@triton.jit
 def _head_threshold(
-    x_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, octave_ptr, bh, p, n_progs, n_slots,
-    q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma, top_exponent,
+    x_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, octave_ptr, shared_ptr, shared_count_ptr,
+    bh, p, n_progs, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma, top_exponent,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_P: tl.constexpr,
     ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr, CAP: tl.constexpr,
     ROUNDS: tl.constexpr, FOLD: tl.constexpr, KEEP_ROUND: tl.constexpr, KEPT_CAP: tl.constexpr,
-    LIST_CHUNK: tl.constexpr, OCTAVES: tl.constexpr, OCTAVE_ROWS: tl.constexpr,
+    LIST_CHUNK: tl.constexpr, OCTAVES: tl.constexpr, OCTAVE_ROWS: tl.constexpr, SHARED_CAP: tl.constexpr,
 ):
     """Part ``p`` of ``n_progs`` of head ``bh``'s threshold and final rows (rows ``p, p + n_progs, ...``).
 
@@ -320,7 +369,9 @@ def _head_threshold(
     starting ``p * 16`` before. The scan of round ``KEEP_ROUND`` lists the entries inside
     its prefix at ``kept_ptr`` (room for ``KEPT_CAP``); later rounds scan that list instead
     of the map when it is complete (each round's prefix extends the last, so later rounds'
-    entries are all in it).
+    entries are all in it). A list round also appends the entries inside the prefix to the
+    head's shared list (``shared_ptr``, room for ``SHARED_CAP``; ``0``: none) and, after
+    its barrier, ends the search when that list is complete (:func:`_shared_crossing`).
     """
     offset = kv_len - q_len
     qb = tl.arange(0, BLOCK_NQ)
@@ -333,17 +384,22 @@ def _head_threshold(
                                          ROUNDS, OCTAVES, OCTAVE_ROWS)
     first_round = index
     n_kept = bh * 0 + KEPT_CAP + 1  # no list yet
+    shared_ptr += bh.to(tl.int64) * SHARED_CAP
+    shared_count_ptr += bh * ROUNDS
     while index < ROUNDS:  # (while loops: the interpreter takes no tensor range bounds)
         width = 4 - index // (ROUNDS - 1)  # 4 bits, the last round 3
         shift = 27 - 4 * index + index // (ROUNDS - 1)
         acc = tl.zeros([16], dtype=tl.float64)
         first = 0
-        if n_kept <= KEPT_CAP:  # the list of round KEEP_ROUND holds every entry still inside
+        from_list = n_kept <= KEPT_CAP  # the list of round KEEP_ROUND holds every entry still inside
+        if from_list:
             while first < n_kept:  # (while loops: the interpreter takes no tensor range bounds)
                 listed = first + tl.arange(0, LIST_CHUNK)
-                part, _ = _bucket_sums(tl.load(kept_ptr + listed, mask=listed < n_kept, other=-1.0),
-                                       prefix, shift, width)
+                x = tl.load(kept_ptr + listed, mask=listed < n_kept, other=-1.0)
+                part, inside = _bucket_sums(x, prefix, shift, width)
                 acc += part
+                if SHARED_CAP > 0:
+                    _share(x, inside, shared_ptr, shared_count_ptr + index, SHARED_CAP)
                 first += LIST_CHUNK
         else:
             keep = index == KEEP_ROUND
@@ -364,8 +420,16 @@ def _head_threshold(
         while arrived < (index + 1 - first_round) * n_progs:
             arrived = tl.atomic_add(count_ptr + bh, 0, sem="acquire")
         tl.debug_barrier()
-        prefix, above = _advance(prefix, above, base, mine - p * 16, n_progs, gamma, width, BLOCK_P)
-        index += 1
+        crossing = index * 0 - 1
+        if SHARED_CAP > 0:  # noqa: SIM102 (a constexpr test: without a shared list nothing below is compiled)
+            if from_list:
+                crossing = _shared_crossing(shared_ptr, shared_count_ptr + index, base + above, gamma, SHARED_CAP)
+        if crossing >= 0:  # the whole key at once: no round left
+            prefix = crossing
+            index = index * 0 + ROUNDS
+        else:
+            prefix, above = _advance(prefix, above, base, mine - p * 16, n_progs, gamma, width, BLOCK_P)
+            index += 1
     # this program's rows: forced, or at or above the threshold; then the cap
     j = tl.arange(0, BLOCK_NK)
     first = 0
@@ -385,12 +449,13 @@ def _head_threshold(
 
 @triton.jit
 def _threshold_kernel(
-    x_ptr, flags_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, octave_ptr,
+    x_ptr, flags_ptr, base_ptr, hist_ptr, count_ptr, kept_ptr, active_ptr, octave_ptr, shared_ptr, shared_count_ptr,
     n_heads, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma_hi, gamma_lo, top_exponent,
     BLOCK: tl.constexpr, BLOCK_NK: tl.constexpr, BLOCK_NQ: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr, ROW_CHUNK: tl.constexpr, COL_CHUNK: tl.constexpr, DECIDE_ROWS: tl.constexpr,
     CAP: tl.constexpr, ROUNDS: tl.constexpr, FOLD: tl.constexpr, KEEP_ROUND: tl.constexpr,
     KEPT_CAP: tl.constexpr, LIST_CHUNK: tl.constexpr, OCTAVES: tl.constexpr, OCTAVE_ROWS: tl.constexpr,
+    SHARED_CAP: tl.constexpr,
 ):
     # the heads that need the global threshold (sparse and query-aware), found on the device:
     # P = programs // heads of them each get P programs (one program per head if they outnumber
@@ -408,10 +473,10 @@ def _threshold_kernel(
         bh = tl.sum(tl.where(chosen & (rank == slot), h, 0), axis=0)
         _head_threshold(
             x_ptr, base_ptr, hist_ptr + g * 16, count_ptr, kept_ptr + g.to(tl.int64) * KEPT_CAP, active_ptr,
-            octave_ptr, bh, p, n_progs, n_slots, q_len, kv_len, n_q_blocks, n_kv_blocks, max_blocks, gamma,
-            top_exponent,
+            octave_ptr, shared_ptr, shared_count_ptr, bh, p, n_progs, n_slots, q_len, kv_len, n_q_blocks,
+            n_kv_blocks, max_blocks, gamma, top_exponent,
             BLOCK, BLOCK_NK, BLOCK_NQ, BLOCK_P, ROW_CHUNK, COL_CHUNK, DECIDE_ROWS, CAP, ROUNDS, FOLD,
-            KEEP_ROUND, KEPT_CAP, LIST_CHUNK, OCTAVES, OCTAVE_ROWS,
+            KEEP_ROUND, KEPT_CAP, LIST_CHUNK, OCTAVES, OCTAVE_ROWS, SHARED_CAP,
         )
         slot += n_slots // n_progs
 
@@ -420,6 +485,7 @@ TUNING: dict[str, int] = {
     "row_cells": 1024, "num_warps": 4, "row_registers": 80,
     "pass_cells": 8192, "pass_rows": 16, "pass_warps": 8, "pass_programs": 0,
     "fold": 1, "decide_cells": 8192, "keep_round": 3, "kept_cells": 16384, "list_cells": 1024, "octaves": 14,
+    "shared_cells": 256,
 }
 """Launch parameters: map cells per program (whole rows), warps and register cap
 (:func:`._utils.register_cap`) of :func:`_rows_kernel`;
@@ -427,8 +493,9 @@ of :func:`_threshold_kernel`, the map cells and (at most) scan units per step, w
 programs (``0``: one per SM, at most that), the folded scan of ``Lq == Lk`` maps (``1``),
 the map cells per step of its final rows, the round that lists the entries still inside,
 the room of each program's list (a longer list is not used) and the list entries per step;
-the octaves (at most 14) whose mass the rows kernel sums for the threshold's first step.
-Chosen on an H200 with
+the octaves (at most 14) whose mass the rows kernel sums for the threshold's first step;
+the room of each head's shared list (a power of two; ``0``: no shared list, every radix
+round runs). Chosen on an H200 with
 ``benchmarks/kernel_tuning.py``, which overrides them."""
 
 
@@ -495,14 +562,15 @@ def select_blocks(
     warps = TUNING["num_warps"] if rows * block_nk >= cells else 4
     n_row_progs = -(-n_q // rows)
     octave_sums = torch.empty((bh, n_q, 16) if global_qa else (1,), device=dev, dtype=torch.float64)
+    shared_count = torch.empty((bh, ROUNDS) if global_qa else (1,), device=dev, dtype=torch.int32)
     top_exponent = float32_exponent(1.0 / n_q) + 1  # every x = Ā / nq <= 1 / nq is below 2^top_exponent
     octaves = TUNING["octaves"]
     launch(_rows_kernel)[(n_row_progs, bh)](
         logits, flags, q_bad, true_blocks, slash, vertical_selected, slash_selected, active, final_flags,
-        x, base, count, octave_sums, q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi, gamma_lo,
-        top_exponent,
+        x, base, count, octave_sums, shared_count, q_len, kv_len, n_q, n_kv, min_blocks, max_blocks, gamma_hi,
+        gamma_lo, top_exponent,
         BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), ROWS=rows, PER_ROW=not global_qa, CAP=cap,
-        FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, OCTAVES=octaves, num_warps=warps,
+        FEW=min_blocks if min_blocks <= FEW_BLOCKS else 0, OCTAVES=octaves, ROUNDS=ROUNDS, num_warps=warps,
         **register_cap(_rows_kernel, TUNING["row_registers"]),
     )
     if not global_qa:
@@ -517,14 +585,17 @@ def select_blocks(
     hist = torch.empty(ROUNDS, n_slots, 16, device=dev, dtype=torch.float64)
     kept_cap = TUNING["kept_cells"]
     kept = torch.empty(n_slots * kept_cap, device=dev, dtype=torch.float32)
+    shared_cap = TUNING["shared_cells"]
+    shared = torch.empty(max(bh * shared_cap, 1), device=dev, dtype=torch.float32)
     launch(_threshold_kernel)[(n_slots,)](
-        x, final_flags, base, hist, count, kept, active, octave_sums, bh, n_slots, q_len, kv_len, n_q, n_kv,
+        x, final_flags, base, hist, count, kept, active, octave_sums, shared, shared_count, bh, n_slots, q_len,
+        kv_len, n_q, n_kv,
         max_blocks, gamma_hi, gamma_lo, top_exponent,
         BLOCK=block_size, BLOCK_NK=block_nk, BLOCK_NQ=next_pow2(n_q), BLOCK_H=next_pow2(bh),
         BLOCK_P=next_pow2(n_slots), ROW_CHUNK=row_chunk, COL_CHUNK=col_chunk, DECIDE_ROWS=decide_rows, CAP=cap,
         ROUNDS=ROUNDS, FOLD=bool(TUNING["fold"]) and q_len == kv_len, KEEP_ROUND=TUNING["keep_round"],
         KEPT_CAP=kept_cap,
         LIST_CHUNK=min(TUNING["list_cells"], next_pow2(kept_cap)), OCTAVES=octaves,
-        OCTAVE_ROWS=min(next_pow2(n_q), 64), num_warps=TUNING["pass_warps"],
+        OCTAVE_ROWS=min(next_pow2(n_q), 64), SHARED_CAP=shared_cap, num_warps=TUNING["pass_warps"],
     )
     return active, final_flags

@@ -377,20 +377,28 @@ def test_select_blocks(config):
 
 
 @pytest.mark.parametrize(
-    ("kept_cells", "gamma", "octaves"),
-    [(16384, 0.9, 14), (16384, 0.99, 14), (8, 0.9, 14), (16384, 0.9, 1), (16384, 0.05, 14)],
-    ids=["listed-0.9", "listed-0.99", "list-too-short", "below-the-octaves", "forced-reach-gamma"],
+    ("kept_cells", "gamma", "octaves", "shared_cells"),
+    [
+        (16384, 0.9, 14, 512), (16384, 0.99, 14, 512), (8, 0.9, 14, 512), (16384, 0.9, 1, 512),
+        (16384, 0.05, 14, 512), (16384, 0.9, 14, 0), (16384, 0.99, 14, 0), (16384, 0.9, 14, 16),
+    ],
+    ids=[
+        "listed-0.9", "listed-0.99", "list-too-short", "below-the-octaves", "forced-reach-gamma",
+        "no-shared-list-0.9", "no-shared-list-0.99", "shared-list-too-short",
+    ],
 )
-def test_global_threshold_rounds(monkeypatch, kept_cells, gamma, octaves):
+def test_global_threshold_rounds(monkeypatch, kept_cells, gamma, octaves, shared_cells):
     """The global threshold starts from the rows kernel's octave sums (round 2), or from
     round 0 when the crossing lies below the octaves summed, or runs no round when the
     forced blocks alone reach γ; its later radix rounds scan the list of round
-    ``keep_round`` (or the map again when the list would be too long): same map as the
-    reference every way.
+    ``keep_round`` (or the map again when the list would be too long), and end early
+    when the head's shared list holds every entry still inside (or run to the last bit
+    without one, or when it overflows): same map as the reference every way.
 
     (γ = 0.9 and 0.99 on this input: a list scan with its masses scaled by 0.9 fails both.)"""
     monkeypatch.setitem(select.TUNING, "kept_cells", kept_cells)
     monkeypatch.setitem(select.TUNING, "octaves", octaves)
+    monkeypatch.setitem(select.TUNING, "shared_cells", shared_cells)
     config = FlexPrefillConfig(block_size=16, min_budget=16, tau=1.0, gamma=gamma)
     q, k = _qk(1, 2, 2, 512, 512, 32, spread=3.0, seed=5)
     layout, _, _, q_bad, _, true_blocks, logits, outs = _stages(q, k, config)
