@@ -21,8 +21,6 @@ asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +28,8 @@ from pathlib import Path
 import torch
 
 from flexprefill_torch import flex_prefill_attention
-from flexprefill_torch.benchmark import sdpa_baseline
-from flexprefill_torch.fa4 import fa4_causal_attention, fa4_unusable_reason, fa4_version
+from flexprefill_torch.benchmark import save_results, sdpa_baseline
+from flexprefill_torch.fa4 import fa4_causal_attention, fa4_unusable_reason
 from flexprefill_torch.timing import paired_median_ms
 
 CASES = ("sdpa", "fa4", "public", "public_flex")
@@ -89,10 +87,7 @@ def main() -> None:
     for row in rows:
         cells = ["  ".join(f"{row[part][c]:8.3f}" for c in CASES) for part in ("idle_ms", "queued_ms", "host_ms")]
         print(f"{row['L']:6d}  " + "    ".join(cells))
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "flash_attn_4": fa4_version(), "repeats": args.repeats}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save_results(args.out, rows, repeats=args.repeats)
     print(f"saved {args.out}")
 
 

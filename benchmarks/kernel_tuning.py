@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 from pathlib import Path
 
 import torch
 from mask_build import make_inputs
 
+from flexprefill_torch.benchmark import save_results
 from flexprefill_torch.config import FlexPrefillConfig
 from flexprefill_torch.kernels import emit, logits, pattern, pool, representative, select
 from flexprefill_torch.layout import BlockLayout
@@ -165,9 +165,7 @@ def main() -> None:
     print("\nfastest candidate per kernel and length:")
     for (name, length), row in best.items():
         print(f"{name:15s} {length:7d} {row['ms']:8.4f} ms  {row['params']}")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "workload": args.workload}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save_results(args.out, rows, workload=args.workload)
     print(f"saved {args.out}")
 
 

@@ -23,8 +23,6 @@ SDPA(is_causal=True) with the key/value heads expanded to 32 (same FLOPs as GQA)
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from flexprefill_torch.attention import run_flex_attention
+from flexprefill_torch.benchmark import save_results
 from flexprefill_torch.config import FlexPrefillConfig
 from flexprefill_torch.kernels.emit import emit_block_indices
 from flexprefill_torch.kernels.logits import block_logits
@@ -153,10 +152,7 @@ def main() -> None:
         sel = triton_selection(q, k, FlexPrefillConfig())
         print(f"(default config: {int(sel.query_aware.sum())} query-aware heads of {q.shape[1]}, "
               f"{int((~sel.sparse).sum())} dense fallbacks)")
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": saved}, indent=1))
+    save_results(args.out, saved)
     print(f"saved {args.out}")
 
 

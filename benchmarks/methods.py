@@ -20,9 +20,6 @@ It measures; it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ from flexprefill_torch import (
     xattention_block_mask,
 )
 from flexprefill_torch.attention import dense_causal_attention, run_flex_attention
+from flexprefill_torch.benchmark import save_results
 from flexprefill_torch.synthetic import structured_qkv
 from flexprefill_torch.timing import median_ms
 
@@ -209,19 +207,17 @@ def main() -> None:
         rows.extend(bench_length(length, args, device, dtype))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "backend": args.backend,
-        "workload": "structured_qkv",
-        "shape": {"batch": 1, "q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
-        "block_size": args.block_size,
-        "dtype": str(dtype),
-        "repeats": args.repeats,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save_results(
+        args.out,
+        rows,
+        device,
+        backend=args.backend,
+        workload="structured_qkv",
+        shape={"batch": 1, "q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
+        block_size=args.block_size,
+        dtype=str(dtype),
+        repeats=args.repeats,
+    )
     print(f"saved {args.out}")
     pareto_plot(rows, args.plot or args.out.with_suffix(".png"))
 

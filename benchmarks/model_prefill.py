@@ -19,8 +19,6 @@ is timed in alternation with the others from an idle GPU (host time counts), med
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from transformers import AutoModel, LlamaConfig
 
 import flexprefill_torch
 from flexprefill_torch import FlexPrefillConfig
-from flexprefill_torch.fa4 import fa4_version
+from flexprefill_torch.benchmark import save_results
 from flexprefill_torch.timing import paired_median_ms
 
 CASES = ("sdpa", "flex_prefill", "flex_prefill_flex")
@@ -99,11 +97,7 @@ def main() -> None:
         paths = "  ".join(f"{name}: {row['layers'][name]['paths']}" for name in CASES[1:])
         print(f"{row['L']:6d}  {ms['sdpa']:9.3f}  {ms['flex_prefill']:12.3f}  {ms['flex_prefill'] / ms['sdpa']:6.3f}  "
               f"{ms['flex_prefill_flex']:9.3f}  {ms['flex_prefill_flex'] / ms['sdpa']:6.3f}  {paths}")
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "flash_attn_4": fa4_version(), "layers": args.layers,
-            "repeats": args.repeats}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save_results(args.out, rows, layers=args.layers, repeats=args.repeats)
     print(f"saved {args.out}")
 
 

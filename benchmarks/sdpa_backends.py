@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from flexprefill_torch.benchmark import save_results
 from flexprefill_torch.fa4 import fa4_causal_attention, fa4_unusable_reason
 
 CASES: dict[str, tuple[SDPBackend | None, bool]] = {
@@ -90,10 +89,7 @@ def main() -> None:
     for name in [*CASES, FA4_CASE]:
         cells = [row[name] for row in rows]
         print(f"{name:20s}" + "".join(f"{c[0]:10.3f}" if isinstance(c, tuple) else f"{'n/a':>10s}" for c in cells))
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save_results(args.out, rows, cudnn=torch.backends.cudnn.version())
     print(f"saved {args.out}")
 
 

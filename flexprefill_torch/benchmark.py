@@ -231,18 +231,25 @@ def run_benchmark(
             write(format_row(row))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "flash_attn_4": fa4_version(),
-        "dtype": str(dtype),
-        "settings": asdict(settings),
-    }
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        save_results(out, rows, device, dtype=str(dtype), settings=asdict(settings))
         print(f"saved {out}")
     return rows
+
+
+def save_results(out: Path, rows: list, device: torch.device | None = None, **meta: object) -> None:
+    """Write ``{"meta": ..., "rows": rows}`` as JSON to ``out`` (its folder is created).
+
+    The meta holds the date, the device's name (the current CUDA device when ``device``
+    is None), the torch and FA4 versions, then ``meta``.
+    """
+    device = device or torch.device("cuda")
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "flash_attn_4": fa4_version(),
+        **meta,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": header, "rows": rows}, indent=1))
