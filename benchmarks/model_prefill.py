@@ -10,10 +10,11 @@ model (no LM head) with random weights and random tokens, Llama-3-8B layer shape
 4096, 32 query heads, 8 key/value heads, head size 128, MLP 14336), bf16, batch 1. Three
 models with the same weights: transformers' SDPA attention, ``flex_prefill`` with the
 default config, and ``flex_prefill`` with ``attention_kernel="flex"`` (what a user without
-FA4 gets). Random tokens give no attention structure, so the long prompts test the dense
+FA4 gets), and a second SDPA model as a control: its ratio to the first is the noise floor
+of the comparison. Random tokens give no attention structure, so the long prompts test the dense
 forecast, not the sparse speedup (``benchmarks/attention.py`` measures that). Each forward
-is timed in alternation with the others from an idle GPU (host time counts), median of
-``--repeats``. Prints a table, saves JSON; asserts nothing about time.
+is timed in alternation with the others (the order rotating) from an idle GPU (host time
+counts), median of ``--repeats``. Prints a table, saves JSON; asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from flexprefill_torch import FlexPrefillConfig
 from flexprefill_torch.benchmark import save_results
 from flexprefill_torch.timing import paired_median_ms
 
-CASES = ("sdpa", "flex_prefill", "flex_prefill_flex")
+CASES = ("sdpa", "sdpa_again", "flex_prefill", "flex_prefill_flex")
+SWITCHED = CASES[2:]
 
 
 def build_models(layers: int, max_len: int) -> dict[str, torch.nn.Module]:
-    """The three models of :data:`CASES`, with the same random weights.
+    """The models of :data:`CASES`, with the same random weights.
 
     Each model gets its own config object: ``from_config`` keeps the one it is given, and
     switching the attention of one model would switch every model sharing it.
@@ -56,7 +58,7 @@ def build_models(layers: int, max_len: int) -> dict[str, torch.nn.Module]:
     flexprefill_torch.patch_model(models["flex_prefill"])
     flexprefill_torch.patch_model(models["flex_prefill_flex"], FlexPrefillConfig(attention_kernel="flex"))
     implementations = [model.config._attn_implementation for model in models.values()]
-    if implementations != ["sdpa", "flex_prefill", "flex_prefill"]:
+    if implementations != ["sdpa", "sdpa", "flex_prefill", "flex_prefill"]:
         raise RuntimeError(f"the models' attention implementations are {implementations}")
     return models
 
@@ -75,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model_prefill.json"))
     args = parser.parse_args()
     models = build_models(args.layers, max(args.lengths))
@@ -88,15 +90,17 @@ def main() -> None:
             times = paired_median_ms(fns, torch.device("cuda"), args.repeats)
         scale = outs["sdpa"].norm()
         error = {name: float((out - outs["sdpa"]).norm() / scale) for name, out in outs.items() if name != "sdpa"}
-        paths = {name: layer_paths(models[name], ids) for name in CASES[1:]}
+        paths = {name: layer_paths(models[name], ids) for name in SWITCHED}
         rows.append({"L": length, "ms": dict(zip(CASES, times, strict=True)), "relative_error": error,
                      "layers": paths})
-    print(f"{'L':>6s}  {'sdpa ms':>9s}  {'flex_prefill':>12s}  {'ratio':>6s}  {'no FA4':>9s}  {'ratio':>6s}  paths")
+    print(f"{'L':>6s}  {'sdpa ms':>9s}  {'control':>7s}  {'flex_prefill':>12s}  {'ratio':>6s}  {'no FA4':>9s}  "
+          f"{'ratio':>6s}  paths")
     for row in rows:
         ms = row["ms"]
-        paths = "  ".join(f"{name}: {row['layers'][name]['paths']}" for name in CASES[1:])
-        print(f"{row['L']:6d}  {ms['sdpa']:9.3f}  {ms['flex_prefill']:12.3f}  {ms['flex_prefill'] / ms['sdpa']:6.3f}  "
-              f"{ms['flex_prefill_flex']:9.3f}  {ms['flex_prefill_flex'] / ms['sdpa']:6.3f}  {paths}")
+        paths = "  ".join(f"{name}: {row['layers'][name]['paths']}" for name in SWITCHED)
+        print(f"{row['L']:6d}  {ms['sdpa']:9.3f}  {ms['sdpa_again'] / ms['sdpa']:7.3f}  {ms['flex_prefill']:12.3f}  "
+              f"{ms['flex_prefill'] / ms['sdpa']:6.3f}  {ms['flex_prefill_flex']:9.3f}  "
+              f"{ms['flex_prefill_flex'] / ms['sdpa']:6.3f}  {paths}")
     save_results(args.out, rows, layers=args.layers, repeats=args.repeats)
     print(f"saved {args.out}")
 

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -22,9 +21,8 @@ from .config import (
     QueryAwareSelection,
     resolve_config,
 )
-from .fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason, layout_key
+from .fa4 import fa4_block_sparse_attention, fa4_causal_attention, fa4_unusable_reason
 from .info import FlexPrefillInfo
-from .kernels._utils import tracing
 from .layout import BlockLayout
 from .reference import masked_attention_reference
 from .selection import Backend, build_block_mask, uses_triton
@@ -171,7 +169,7 @@ def dense_attention(
     if fa4 and _uses_fa4(q, k, v, kernel, None):
         return fa4_causal_attention(q, k, v, scale)
     if q_len == kv_len:  # the common case, without a second look at the shapes
-        return _causal_sdpa(q, k, v, scale, q_heads != kv_heads)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q_heads != kv_heads)
     return dense_causal_attention(q, k, v, scale)
 
 
@@ -180,7 +178,7 @@ def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None 
     (_, q_heads, q_len, _), (_, kv_heads, kv_len, _) = q.shape, k.shape
     gqa = q_heads != kv_heads
     if q_len == kv_len:
-        return _causal_sdpa(q, k, v, scale, gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if q_len == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     mask = causal_lower_right(q_len, kv_len)
@@ -188,44 +186,6 @@ def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None 
         group = q_heads // kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-_CUDNN = SDPBackend.CUDNN_ATTENTION.value
-_CUDNN_CHOICES: dict[tuple, bool] = {}
-
-
-def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, gqa: bool) -> Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, is_causal=True, ...)`` for ``Lq == Lk``.
-
-    Where SDPA would run cuDNN's kernel on these inputs, that kernel is called directly:
-    on an H200 SDPA's dispatch around it cost 6-18 µs per call from an idle GPU, a share
-    of a short prompt's attention (``docs/kernels.md``). Same kernel, same output. Calls
-    that need gradients, traced calls, and cuDNN switched off (e.g. by
-    ``torch.nn.attention.sdpa_kernel``) go through SDPA.
-    """
-    if q.is_cuda and _sdpa_picks_cudnn(q, k, v, scale, gqa):
-        return torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False, scale=scale)[0]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-
-
-def _sdpa_picks_cudnn(q: Tensor, k: Tensor, v: Tensor, scale: float | None, gqa: bool) -> bool:
-    """Whether causal SDPA would run cuDNN here, for an eager call without gradients.
-
-    SDPA's choice is asked once per layout (shapes, strides, dtype, device, alignment) and
-    remembered; whether cuDNN is switched on is checked on every call.
-    """
-    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-        return False
-    if not torch.backends.cuda.cudnn_sdp_enabled() or tracing():
-        return False
-    key = (scale, q.get_device(), *layout_key((q, k, v)))
-    choice = _CUDNN_CHOICES.get(key)
-    if choice is None:
-        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=gqa) == _CUDNN
-        if len(_CUDNN_CHOICES) >= 256:
-            _CUDNN_CHOICES.clear()
-        _CUDNN_CHOICES[key] = choice
-    return choice
 
 
 def is_short_prompt(q: Tensor, k: Tensor, v: Tensor, config: FlexPrefillConfig) -> bool:

@@ -21,18 +21,22 @@ def paired_median_ms(
 ) -> list[float]:
     """Median milliseconds per call of each of ``fns``, sampled in alternation.
 
-    Sample ``i`` of every function is taken one after the other (a, b, a, b, ...), so
-    clock or thermal drift affects them alike. Each sample times ``calls`` back-to-back
-    calls and divides by ``calls``: with ``calls > 1`` the host work of one call overlaps
-    the device work of the previous one, as in a model's loop over layers; with
-    ``calls=1`` each call starts from an idle device and its host overhead counts in full.
+    Sample ``i`` of every function is taken one after the other, so clock or thermal drift
+    affects them alike, and the order rotates from one round to the next (a, b, c; b, c,
+    a; ...), so no function always runs first or right after a given other. Each sample
+    times ``calls`` back-to-back calls and divides by ``calls``: with ``calls > 1`` the host
+    work of one call overlaps the device work of the previous one, as in a model's loop
+    over layers; with ``calls=1`` each call starts from an idle device and its host
+    overhead counts in full.
     """
     for fn in fns:  # warm-up
         fn()
     samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, samples, strict=True):
-            times.append(_time_ms(lambda fn=fn: [fn() for _ in range(calls)], device) / calls)
+    for round_ in range(repeats):
+        for offset in range(len(fns)):
+            index = (round_ + offset) % len(fns)
+            fn = fns[index]
+            samples[index].append(_time_ms(lambda fn=fn: [fn() for _ in range(calls)], device) / calls)
     return [statistics.median(times) for times in samples]
 
 

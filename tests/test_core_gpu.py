@@ -13,6 +13,7 @@ from flexprefill_torch import (
     FlexPrefillConfig,
     active_from_block_mask,
     dense_causal_attention,
+    flex_prefill_attention,
     flex_prefill_block_mask,
     flex_prefill_reference,
 )
@@ -97,24 +98,15 @@ def test_timing_report(cuda, seq_len):
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])
-def test_dense_causal_attention_runs_cudnn_directly(cuda, kv_heads):
-    """Where SDPA picks cuDNN, the direct cuDNN call gives SDPA's output; switched off, SDPA runs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from flexprefill_torch import attention
-
+def test_short_prompt_is_sdpa_bit_for_bit(cuda, kv_heads):
+    """A prompt below min_seq_len runs SDPA's causal kernel itself: the same bits, gradients kept."""
     gen = torch.Generator(device=cuda).manual_seed(0)
     q, k, v = (torch.randn(1, h, 1024, 128, device=cuda, dtype=torch.bfloat16, generator=gen) for h in (8, kv_heads, kv_heads))
     gqa = kv_heads != 8
-    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if not attention._sdpa_picks_cudnn(q, k, v, None, gqa):
-        pytest.skip("SDPA does not pick cuDNN on this GPU")
-    torch.testing.assert_close(dense_causal_attention(q, k, v), sdpa)
-    torch.testing.assert_close(dense_causal_attention(q, k, v, scale=0.05), F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=0.05, enable_gqa=gqa))
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        assert not attention._sdpa_picks_cudnn(q, k, v, None, gqa)
-        flash = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        torch.testing.assert_close(dense_causal_attention(q, k, v), flash, atol=0, rtol=0)
-    q.requires_grad_(True)  # gradients: through SDPA, which records the graph
-    assert dense_causal_attention(q, k, v).grad_fn is not None
+    for scale in (None, 0.05):
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = flex_prefill_attention(q, k, v, scale=scale, attention_kernel="flex")
+        torch.testing.assert_close(out, sdpa, atol=0, rtol=0)
+        torch.testing.assert_close(dense_causal_attention(q, k, v, scale), sdpa, atol=0, rtol=0)
+    q.requires_grad_(True)
+    assert flex_prefill_attention(q, k, v, attention_kernel="flex").grad_fn is not None

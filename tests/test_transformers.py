@@ -42,6 +42,7 @@ from flexprefill_torch import FlexPrefillConfig, collect_diagnostics, get_flex_p
 from flexprefill_torch.integrations.transformers import (
     ATTN_IMPLEMENTATION,
     CONFIG_ATTRIBUTE,
+    METHOD_ATTRIBUTE,
     flex_prefill_attention_forward,
     flex_prefill_mask,
     to_flex_prefill_config,
@@ -230,6 +231,67 @@ def test_unconfigured_model_uses_defaults() -> None:
     assert model.config._attn_implementation == ATTN_IMPLEMENTATION
     assert get_flex_prefill_config(model) == FlexPrefillConfig()
 
+
+
+def test_attention_reads_the_stored_settings_of_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers parse the stored dicts once, yet a dict replaced on the config (by
+    ``patch_model``, by hand, or loaded by ``from_pretrained``) takes effect at the next call."""
+    import flexprefill_torch.integrations.transformers as integration
+
+    model, _ = build("llama")
+    seen: list[tuple[float, int, str | None]] = []
+    real = integration._attend
+
+    def spy(q: Tensor, k: Tensor, v: Tensor, config: FlexPrefillConfig, *args: object) -> object:
+        method = args[-1]
+        seen.append((config.gamma, config.block_size, None if method is None else method[0].__name__))
+        return real(q, k, v, config, *args)
+
+    monkeypatch.setattr(integration, "_attend", spy)
+    layers = COMMON["num_hidden_layers"]
+    ids = tokens(1, SEQ)
+
+    def settings_of_a_forward() -> list[tuple[float, int, str | None]]:
+        seen.clear()
+        logits(model, ids)
+        return seen
+
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)  # switched without patch_model: the defaults
+    assert settings_of_a_forward() == [(0.9, 128, None)] * layers
+    patch_model(model, {**SPARSE, "flex_prefill_gamma": 0.8})
+    assert settings_of_a_forward() == [(0.8, 16, None)] * layers
+    setattr(model.config, CONFIG_ATTRIBUTE, {**SPARSE, "flex_prefill_gamma": 0.7})  # by hand
+    assert settings_of_a_forward() == [(0.7, 16, None)] * layers
+    patch_model(model, SPARSE, method="streaming", method_options={"sink_tokens": 16, "local_tokens": 32})
+    assert settings_of_a_forward() == [(0.9, 16, "streaming_block_mask")] * layers
+    setattr(model.config, METHOD_ATTRIBUTE, {"name": "flexprefill", "options": {}, "takes_scale": False})
+    assert settings_of_a_forward() == [(0.9, 16, None)] * layers
+
+
+@pytest.mark.parametrize("fa4_runs", [False, True])
+def test_routing_by_prompt_length(monkeypatch: pytest.MonkeyPatch, fa4_runs: bool) -> None:
+    """FlexPrefill from its kernel's crossover; another method only from FlexAttention's
+    (its kernel), dense below — never FlexPrefill in place of the chosen method."""
+    import flexprefill_torch.attention as attention_module
+    import flexprefill_torch.integrations.transformers as integration
+    from flexprefill_torch.config import FA4_MIN_SEQ_LEN, FLEX_MIN_SEQ_LEN
+
+    if fa4_runs:
+        monkeypatch.setattr(attention_module, "fa4_unusable_reason", lambda *args: None)
+    monkeypatch.setattr(integration, "dense_attention", lambda q, *args: "dense")
+    monkeypatch.setattr(integration, "flex_prefill_attention", lambda q, *args, **kwargs: "flex_prefill")
+    monkeypatch.setattr(integration, "run_flex_attention", lambda q, k, v, mask, scale: mask)
+    method = (lambda q, k, **kwargs: ("method", None), {}, False)
+    config = FlexPrefillConfig()
+
+    def routes(length: int, builder: object) -> str:
+        q, k = torch.empty(1, 4, length, 8, device="meta"), torch.empty(1, 2, length, 8, device="meta")
+        return integration._attend(q, k, k, config, None, None, False, builder)[0]
+
+    crossover = FA4_MIN_SEQ_LEN if fa4_runs else FLEX_MIN_SEQ_LEN
+    assert [routes(n, None) for n in (1, 512, crossover - 1, crossover)] == ["dense"] * 3 + ["flex_prefill"]
+    assert [routes(n, method) for n in (1, 512, FA4_MIN_SEQ_LEN, FLEX_MIN_SEQ_LEN - 1)] == ["dense"] * 4
+    assert routes(FLEX_MIN_SEQ_LEN, method) == "method"
 
 # --------------------------------------------------------------------------- masks stay O(S)
 
@@ -431,13 +493,13 @@ def test_dense_prefill_takes_the_projections_as_views(monkeypatch: pytest.Monkey
     model, _ = build("llama")
     patch_model(model)  # defaults: SEQ tokens is a short prompt, dense attention
     seen: list[bool] = []
-    real = integration.flex_prefill_attention
+    real = integration.dense_attention
 
-    def spy(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+    def spy(q: Tensor, k: Tensor, v: Tensor, *args: object) -> Tensor:
         seen.append(q.is_contiguous())
-        return real(q, k, v, **kwargs)
+        return real(q, k, v, *args)
 
-    monkeypatch.setattr(integration, "flex_prefill_attention", spy)
+    monkeypatch.setattr(integration, "dense_attention", spy)
     logits(model, tokens(1, SEQ))
     assert seen == [False] * COMMON["num_hidden_layers"]
 

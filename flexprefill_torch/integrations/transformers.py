@@ -33,7 +33,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 from transformers.utils import logging
 
-from ..attention import flex_prefill_attention, run_flex_attention
+from ..attention import dense_attention, flex_prefill_attention, is_short_prompt, run_flex_attention
 from ..block_mask import indices_from_map
 from ..config import FlexPrefillConfig
 from ..info import FlexPrefillInfo
@@ -144,7 +144,7 @@ def patch_model(
         setattr(model_config, METHOD_ATTRIBUTE, chosen)
     for module in model.modules():  # pre-parse, so a compiled forward never parses
         if getattr(getattr(module, "config", None), CONFIG_ATTRIBUTE, None) is stored:
-            setattr(module, _PARSED_ATTRIBUTE, (stored, resolved))
+            setattr(module, _SETTINGS_ATTRIBUTE, (stored, chosen, resolved, _mask_builder(chosen)))
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         raise ValueError(
@@ -173,9 +173,12 @@ def _check_method(method: str, options: Mapping[str, Any] | None) -> dict[str, A
     return {"name": method, "options": options, "takes_scale": takes_scale}
 
 
-def _module_method(module: nn.Module) -> tuple[Any, dict[str, Any], bool] | None:
-    """The mask builder, its knobs and whether it takes ``scale`` (``None``: FlexPrefill)."""
-    chosen = getattr(getattr(module, "config", None), METHOD_ATTRIBUTE, None)
+MaskBuilder = tuple[Callable[..., Any], dict[str, Any], bool]
+"""A method's mask builder, its knobs and whether it takes ``scale``."""
+
+
+def _mask_builder(chosen: dict[str, Any] | None) -> MaskBuilder | None:
+    """The mask builder of a stored method (``None``: FlexPrefill itself)."""
     if chosen is None or chosen["name"] == "flexprefill":
         return None
     from ..methods import MASK_BUILDERS
@@ -189,26 +192,39 @@ def get_flex_prefill_config(model: nn.Module | PreTrainedConfig) -> FlexPrefillC
     return to_flex_prefill_config(getattr(model_config, CONFIG_ATTRIBUTE, None))
 
 
-_DEFAULT_CONFIG = FlexPrefillConfig()
-_PARSED_ATTRIBUTE = "_flex_prefill_parsed"  # on a module: (stored dict, parsed config)
+_SETTINGS_ATTRIBUTE = "_flex_prefill_settings"  # on a module: (config dict, method dict, parsed, builder)
 
 
-def _module_config(module: nn.Module) -> FlexPrefillConfig:
-    """The config of the model ``module`` belongs to (defaults if none), parsed once per dict.
+def _module_settings(module: nn.Module) -> tuple[FlexPrefillConfig, MaskBuilder | None]:
+    """The config (defaults if none) and mask builder of the model ``module`` belongs to.
 
-    The stored dict is treated as immutable (:func:`patch_model` replaces it). The parsed
-    :class:`FlexPrefillConfig` is cached on the module (not serialised with the model
-    config), which keeps its validation out of ``torch.compile`` traces.
+    Parsed once per stored pair of dicts, which are treated as immutable (:func:`patch_model`
+    replaces them). The parsed settings are cached on the module (not serialised with the
+    model config), which keeps their validation out of ``torch.compile`` traces.
     """
-    model_config = getattr(module, "config", None)
-    raw = getattr(model_config, CONFIG_ATTRIBUTE, None)
-    if raw is None:
-        return _DEFAULT_CONFIG
-    cached = getattr(module, _PARSED_ATTRIBUTE, None)  # a module attribute, not id(): traceable
-    if cached is None or cached[0] is not raw:
-        cached = (raw, to_flex_prefill_config(raw))
-        setattr(module, _PARSED_ATTRIBUTE, cached)
-    return cached[1]
+    stored_config, stored_method = _stored_settings(getattr(module, "config", None))
+    cached = getattr(module, _SETTINGS_ATTRIBUTE, None)  # a module attribute, not id(): traceable
+    if cached is None or cached[0] is not stored_config or cached[1] is not stored_method:
+        parsed = to_flex_prefill_config(stored_config)
+        cached = (stored_config, stored_method, parsed, _mask_builder(stored_method))
+        setattr(module, _SETTINGS_ATTRIBUTE, cached)
+    return cached[2], cached[3]
+
+
+def _stored_settings(model_config: Any) -> tuple[Any, Any]:
+    """``model_config.flex_prefill_config`` and ``.flex_prefill_method`` (``None`` where unset).
+
+    Eagerly they are read from the instance dict, where ``setattr`` and ``from_pretrained``
+    put them: transformers' ``PreTrainedConfig.__getattribute__`` (attribute map, per-layer
+    checks) costs 1.5-2 µs a read, a visible share of a short prompt's attention call.
+    """
+    if torch.compiler.is_compiling():
+        return getattr(model_config, CONFIG_ATTRIBUTE, None), getattr(model_config, METHOD_ATTRIBUTE, None)
+    try:
+        attributes = object.__getattribute__(model_config, "__dict__")
+    except AttributeError:  # no instance dict: nothing stored
+        return None, None
+    return attributes.get(CONFIG_ATTRIBUTE), attributes.get(METHOD_ATTRIBUTE)
 
 
 def _model_configs(model: nn.Module) -> list[PreTrainedConfig]:
@@ -374,13 +390,13 @@ def flex_prefill_attention_forward(
         ``(out [B, Lq, Hq, D], None)``. With padding, padded query rows are zeros.
     """
     _check_attention_arguments(module, dropout, softcap, is_causal, kwargs)
-    config = _module_config(module)
+    config, method = _module_settings(module)
     records = _COLLECTORS.get(id(getattr(module, "config", None))) if _COLLECTORS else None
     layer_idx = getattr(module, "layer_idx", None)
     padding = _padding_mask(attention_mask, query, key)
     if padding is None:
         out, path, info = _attend(
-            query, key, value, config, scaling, sliding_window, records is not None, _module_method(module)
+            query, key, value, config, scaling, sliding_window, records is not None, method
         )
         if records is not None:
             records.append(LayerDiagnostics(layer_idx, None, path, info))
@@ -401,7 +417,7 @@ def flex_prefill_attention_forward(
             sliding_window,
             records,
             layer_idx,
-            _module_method(module),
+            method,
         )
     return out.transpose(1, 2).contiguous(), None
 
@@ -469,13 +485,16 @@ def _attend(
     scale: float | None,
     sliding_window: int | None,
     want_info: bool,
-    method: tuple[Any, dict[str, Any], bool] | None = None,
+    method: MaskBuilder | None = None,
 ) -> tuple[Tensor, Path, Any]:
     """Unpadded attention ``[B, Hq, Lq, Dv]`` of the last ``Lq`` positions, its path and info.
 
     ``method``: another mask builder and its knobs (see :func:`patch_model`), used for
     prefills of at least ``config.effective_min_seq_len(fa4=False)`` queries (the methods run
-    with FlexAttention) instead of FlexPrefill.
+    with FlexAttention) instead of FlexPrefill; shorter ones run dense attention. Short
+    prompts go straight to :func:`.attention.dense_attention`, the dense path of
+    :func:`flex_prefill_attention` without its input checks (the model made the tensors;
+    a short prompt's host time is a visible share of its attention).
     """
     window = _binding_window(sliding_window, k.shape[2])
     if window is not None and q.shape[2] > 1:
@@ -491,6 +510,9 @@ def _attend(
             options = {**options, "scale": scale}
         mask, info = builder(q, k, block_size=config.block_size, return_info=True, **options)
         return run_flex_attention(q, k, v, mask, scale), "method", info if want_info else None
+    if method is not None or is_short_prompt(q, k, v, config):
+        out = dense_attention(q, k, v, scale, config.attention_kernel)
+        return out, "dense", _dense_info(q, k, config) if want_info else None
     if not want_info:
         return flex_prefill_attention(q, k, v, config=config, scale=scale), "flex_prefill", None
     out, info = flex_prefill_attention(q, k, v, config=config, scale=scale, return_info=True)
@@ -507,7 +529,7 @@ def _attend_rows(
     sliding_window: int | None,
     records: list[LayerDiagnostics] | None,
     layer_idx: int | None,
-    method: tuple[Any, dict[str, Any], bool] | None = None,
+    method: MaskBuilder | None = None,
 ) -> Tensor:
     """Padded batch: each row's real tokens run alone through :func:`_attend`, scattered back.
 
