@@ -7,11 +7,10 @@ Usage::
 
 Where the sparse path cannot pay, ``flex_prefill_attention`` runs dense attention:
 FlashAttention-4's causal forward (``flexprefill_torch.fa4``) for calls of at least
-``attention.FA4_DENSE_MIN_QUERIES`` queries where FA4 runs, else SDPA's kernel (cuDNN's,
-called directly where SDPA would pick it). This measures the public call, with the
+``attention.FA4_DENSE_MIN_QUERIES`` queries where FA4 runs, else SDPA. This measures the public call, with the
 default kernel and with ``attention_kernel="flex"`` (what a user without FA4 gets),
 against plain causal SDPA and FA4 alone. B=1, Hq=32, Hkv=8, D=128, bf16, random inputs.
-Each case is timed in alternation with the others (30 samples), from an idle GPU (host
+Each case is timed in alternation with the others (the order rotating, 30 samples), from an idle GPU (host
 time counts) and as 8 back-to-back calls (host time overlaps the previous call's GPU
 work, as in a model's loop over layers), plus the host time of one call (a loop of calls
 queued behind a busy GPU, so only the host work is timed). Prints a table, saves JSON;
