@@ -4,6 +4,7 @@ Usage (CUDA GPU)::
 
     python benchmarks/model_prefill.py                       # 512 .. 32k tokens, 4 layers
     python benchmarks/model_prefill.py --lengths 1024 4096 --layers 2
+    python benchmarks/model_prefill.py --batch 4 --padding 0.5   # left-padded batches
 
 What a user switching a model to FlexPrefill sees at each length: the forward of the base
 model (no LM head) with random weights and random tokens, Llama-3-8B layer shapes (hidden
@@ -63,10 +64,19 @@ def build_models(layers: int, max_len: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def layer_paths(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, object]:
+def left_padded(batch: int, length: int, padding: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids ``[batch, length]`` and the attention mask of rows left-padded by ``padding · length · r / (batch - 1)``."""
+    ids = torch.randint(0, 32000, (batch, length), device="cuda", generator=torch.Generator("cuda").manual_seed(length))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : round(padding * length * row / (batch - 1))] = 0
+    return ids, mask
+
+
+def layer_paths(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, object]:
     """The path each layer's attention took in one forward, and the mean density of the sparse ones."""
     with flexprefill_torch.collect_diagnostics(model) as log, torch.no_grad():
-        model(input_ids=ids)
+        model(**inputs)
     paths = [record.path for record in log]
     sparse = [float(record.info.density.float().mean()) for record in log if record.path == "flex_prefill"]
     return {"paths": {path: paths.count(path) for path in sorted(set(paths))},
@@ -78,19 +88,23 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--padding", type=float, default=0.0, help="left padding of the last row, a fraction of L")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/model_prefill.json"))
     args = parser.parse_args()
     models = build_models(args.layers, max(args.lengths))
     rows = []
     for length in args.lengths:
-        ids = torch.randint(0, 32000, (1, length), device="cuda", generator=torch.Generator("cuda").manual_seed(length))
+        ids, mask = left_padded(args.batch, length, args.padding)
+        inputs = {"input_ids": ids} if args.padding == 0 else {"input_ids": ids, "attention_mask": mask}
+        real = mask.bool()[..., None]
         with torch.no_grad():
-            outs = {name: model(input_ids=ids).last_hidden_state.float() for name, model in models.items()}
-            fns = [lambda model=model, ids=ids: model(input_ids=ids) for model in models.values()]
+            outs = {name: model(**inputs).last_hidden_state.float() * real for name, model in models.items()}
+            fns = [lambda model=model, inputs=inputs: model(**inputs) for model in models.values()]
             times = paired_median_ms(fns, torch.device("cuda"), args.repeats)
         scale = outs["sdpa"].norm()
         error = {name: float((out - outs["sdpa"]).norm() / scale) for name, out in outs.items() if name != "sdpa"}
-        paths = {name: layer_paths(models[name], ids) for name in SWITCHED}
+        paths = {name: layer_paths(models[name], inputs) for name in SWITCHED}
         rows.append({"L": length, "ms": dict(zip(CASES, times, strict=True)), "relative_error": error,
                      "layers": paths})
     print(f"{'L':>6s}  {'sdpa ms':>9s}  {'control':>7s}  {'flex_prefill':>12s}  {'ratio':>6s}  {'no FA4':>9s}  "
@@ -101,7 +115,7 @@ def main() -> None:
         print(f"{row['L']:6d}  {ms['sdpa']:9.3f}  {ms['sdpa_again'] / ms['sdpa']:7.3f}  {ms['flex_prefill']:12.3f}  "
               f"{ms['flex_prefill'] / ms['sdpa']:6.3f}  {ms['flex_prefill_flex']:9.3f}  "
               f"{ms['flex_prefill_flex'] / ms['sdpa']:6.3f}  {paths}")
-    save_results(args.out, rows, layers=args.layers, repeats=args.repeats)
+    save_results(args.out, rows, layers=args.layers, repeats=args.repeats, batch=args.batch, padding=args.padding)
     print(f"saved {args.out}")
 
 

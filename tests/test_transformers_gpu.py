@@ -149,6 +149,33 @@ def test_padded_generate_gpu(cuda: torch.device) -> None:
 
 
 @pytest.mark.gpu
+def test_padded_prefill_synchronises_once_per_forward(cuda: torch.device) -> None:
+    """The padding mask is read on the host once per forward, not once per layer: the host
+    synchronisations of a padded prefill do not grow with the number of layers."""
+    ids = torch.randint(3, MODEL["vocab_size"], (3, 512), device=cuda)
+    mask = torch.ones_like(ids)
+    mask[1, :100], mask[2, :300] = 0, 0
+
+    def synchronisations(layers: int) -> int:
+        torch.manual_seed(0)
+        config = LlamaConfig(**{**MODEL, "num_hidden_layers": layers})
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(cuda, torch.bfloat16).eval()
+        patch_model(model)
+        with torch.no_grad():
+            model(ids, attention_mask=mask)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with pytest.warns(UserWarning) as caught:
+                    model(ids, attention_mask=mask)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert synchronisations(4) == synchronisations(1) >= 1
+
+
+@pytest.mark.gpu
 def test_device_map_across_gpus(cuda: torch.device, tmp_path) -> None:
     """accelerate ``device_map="balanced"`` over every visible GPU (an explicit map on one GPU)."""
     torch.manual_seed(0)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
@@ -276,8 +277,9 @@ def flex_prefill_mask(
 
     Returns:
         ``None`` when nothing is padded, else the padding mask of the keys, ``[B, Lk]`` bool
-        (True: a real token). Checking "nothing is padded" reads the mask once (a host sync,
-        skipped under ``torch.compile``, where the mask is returned as is).
+        (True: a real token). Checking "nothing is padded" copies the mask to the host once
+        per forward (a host sync, skipped under ``torch.compile``, where the mask is
+        returned as is); the layers read that copy instead of synchronising each.
     """
     _check_mask_pattern(mask_function, kwargs)
     if isinstance(q_offset, Tensor) or q_offset + q_length != kv_offset + kv_length:
@@ -294,9 +296,18 @@ def flex_prefill_mask(
             f"{tuple(attention_mask.shape)}"
         )
     padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
-    if not torch.compiler.is_compiling() and bool(padding.all()):
+    if torch.compiler.is_compiling():
+        return padding
+    on_host = padding.cpu()  # the one host synchronisation of a padded forward
+    if bool(on_host.all()):
         return None
+    if padding.device.type != "cpu":  # every layer gets this tensor: spare each its own copy
+        _PADDING_ON_HOST[padding] = on_host
     return padding
+
+
+_PADDING_ON_HOST: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Host copies of the padding masks :func:`flex_prefill_mask` returned, while they live."""
 
 
 def _check_mask_pattern(mask_function: Callable, kwargs: dict[str, Any]) -> None:
@@ -533,13 +544,15 @@ def _attend_rows(
 ) -> Tensor:
     """Padded batch: each row's real tokens run alone through :func:`_attend`, scattered back.
 
-    A Python loop over the batch rows (not over heads); one host sync to read ``padding``.
+    A Python loop over the batch rows (not over heads). ``padding`` is read on the host: the
+    copy :func:`flex_prefill_mask` made for this forward, else one host sync.
     Padded query rows are zeros. Left (or right) padding slices views; other patterns gather.
     """
     batch, heads, q_len, _ = q.shape
     start = k.shape[2] - q_len  # absolute position of query 0
     out = q.new_zeros(batch, heads, q_len, v.shape[-1])
-    for row, keep in enumerate(padding.cpu()):
+    on_host = _PADDING_ON_HOST.get(padding)
+    for row, keep in enumerate(padding.cpu() if on_host is None else on_host):
         keys = keep.nonzero().flatten()
         n_queries = int((keys >= start).sum())
         if n_queries == 0:
