@@ -277,9 +277,10 @@ def flex_prefill_mask(
 
     Returns:
         ``None`` when nothing is padded, else the padding mask of the keys, ``[B, Lk]`` bool
-        (True: a real token). Checking "nothing is padded" copies the mask to the host once
-        per forward (a host sync, skipped under ``torch.compile``, where the mask is
-        returned as is); the layers read that copy instead of synchronising each.
+        (True: a real token). Checking "nothing is padded" is one host sync per forward,
+        skipped under ``torch.compile`` (where the mask is returned as is). A prefill copies
+        the mask to the host for it, and its layers read that copy instead of synchronising
+        each; a decode step reads one flag (its layers use the mask on the device).
     """
     _check_mask_pattern(mask_function, kwargs)
     if isinstance(q_offset, Tensor) or q_offset + q_length != kv_offset + kv_length:
@@ -298,7 +299,9 @@ def flex_prefill_mask(
     padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
     if torch.compiler.is_compiling():
         return padding
-    on_host = padding.cpu()  # the one host synchronisation of a padded forward
+    if q_length == 1:  # decode: the layers use the mask on the device
+        return None if bool(padding.all()) else padding
+    on_host = padding.cpu()  # the one host synchronisation of a padded prefill
     if bool(on_host.all()):
         return None
     if padding.device.type != "cpu":  # every layer gets this tensor: spare each its own copy
