@@ -8,7 +8,7 @@ Usage (CUDA GPU)::
 
 What a user switching a model to FlexPrefill sees at each length: the forward of the base
 model (no LM head) with random weights and random tokens, Llama-3-8B layer shapes (hidden
-4096, 32 query heads, 8 key/value heads, head size 128, MLP 14336), bf16, batch 1. Three
+4096, 32 query heads, 8 key/value heads, head size 128, MLP 14336), bf16, batch 1 by default. Four
 models with the same weights: transformers' SDPA attention, ``flex_prefill`` with the
 default config, and ``flex_prefill`` with ``attention_kernel="flex"`` (what a user without
 FA4 gets), and a second SDPA model as a control: its ratio to the first is the noise floor

@@ -232,10 +232,9 @@ def test_unconfigured_model_uses_defaults() -> None:
     assert get_flex_prefill_config(model) == FlexPrefillConfig()
 
 
-
 def test_attention_reads_the_stored_settings_of_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layers parse the stored dicts once, yet a dict replaced on the config (by
-    ``patch_model``, by hand, or loaded by ``from_pretrained``) takes effect at the next call."""
+    ``patch_model`` or by hand) takes effect at the next call."""
     import flexprefill_torch.integrations.transformers as integration
 
     model, _ = build("llama")
