@@ -32,7 +32,7 @@ FLEX_MIN_SEQ_LEN = 32768
 
 FA4_MIN_SEQ_LEN = 16384
 """Default ``min_seq_len`` where FA4 runs the attention: at 16k tokens the sparse path
-(mask build + FA4's block-sparse forward) took 0.47-0.73× SDPA's time on the structured
+(mask build + FA4's block-sparse forward) took 0.47-0.91× SDPA's time on the structured
 input, and a near-uniform input goes dense on the forecast (FA4's causal forward); at 8k
 the mask build is not repaid (H200, ``docs/benchmarks.md``)."""
 
