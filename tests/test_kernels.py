@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ROOT / "tests" / "kernels_interp" / "check_kernels.py"
@@ -60,6 +62,7 @@ def test_launch_key_tells_apart_what_triton_specialises_on():
         _specialisation(0, (x, 16, 0.5), {"BLOCK": 128, "num_warps": 8}),  # launch option
     ]
     assert len({base, *variants}) == len(variants) + 1
+    assert _specialisation(0, (x,), {"CAP": True}) != _specialisation(0, (x,), {"CAP": 1})  # constexpr type
 
 
 def test_register_cap_only_on_direct_launches():
@@ -81,3 +84,14 @@ def test_register_cap_only_on_direct_launches():
 
     make_fx(traced)(torch.zeros(2))
     assert seen == [{}]
+
+
+@given(st.integers(min_value=-4, max_value=2**40), st.sampled_from([1, 16]), st.integers(min_value=1, max_value=2**12))
+def test_launch_arithmetic_matches_triton(n: int, minimum: int, divisor: int):
+    """The launchers' plain-Python power of two and ceiling division give Triton's values."""
+    import triton
+
+    from flexprefill_torch.kernels._utils import cdiv, next_pow2
+
+    assert next_pow2(n, minimum) == max(minimum, triton.next_power_of_2(max(n, 1)))
+    assert cdiv(n, divisor) == triton.cdiv(n, divisor)

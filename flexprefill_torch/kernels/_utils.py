@@ -96,17 +96,13 @@ def _specialisation(device: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
 
     The device; per tensor its dtype and 16-byte alignment; every other argument by type
     and exact value (Triton specialises integers on their range, on being 1 and on
-    divisibility by 16); the keyword arguments (constexprs, ``num_warps``, ...).
+    divisibility by 16); the keyword arguments (constexprs, ``num_warps``, ...) by name,
+    value and type.
     """
-    key: list[Any] = [device]
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            key += (arg.dtype, arg.data_ptr() % 16 == 0)
-        else:
-            key += (type(arg), arg)
-    for name, value in kwargs.items():
-        key += (name, type(value), value)
-    return tuple(key)
+    positional = tuple(
+        [(arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, torch.Tensor) else (type(arg), arg) for arg in args]
+    )
+    return device, positional, tuple(kwargs.items()), tuple(map(type, kwargs.values()))
 
 
 _LAUNCHERS: dict[int, _Launcher] = {}
@@ -196,8 +192,18 @@ def float32_exponent(value: float) -> int:
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
-    """The smallest power of two ``>= max(n, minimum)``."""
-    return max(minimum, triton.next_power_of_2(max(int(n), 1)))
+    """The smallest power of two ``>= max(n, minimum)`` (``minimum`` a power of two).
+
+    Plain Python: ``triton.next_power_of_2`` is a ``constexpr_function`` in Triton 3.6, whose
+    call wrapper costs a few µs of host time, and the launchers call this two dozen times
+    per mask build.
+    """
+    return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b`` (plain Python, see :func:`next_pow2`)."""
+    return -(-a // b)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import check_device, device_op, interpreting, launch, next_pow2
+from ._utils import cdiv, check_device, device_op, interpreting, launch, next_pow2
 
 PRECISION = "tf32x3"
 """``tl.dot`` input precision of the logits on GPUs of compute capability 8.0 or more."""
@@ -107,7 +107,7 @@ def block_logits(q_pool: Tensor, k_pool: Tensor, flags: Tensor, q_len: int, kv_l
     block_m = min(TUNING["block_m"], next_pow2(n_q))
     block_n = min(TUNING["block_n"], next_pow2(n_kv))
     block_d = next_pow2(dim)
-    grid = (triton.cdiv(n_q, block_m), triton.cdiv(n_kv, block_n), batch * q_heads)
+    grid = (cdiv(n_q, block_m), cdiv(n_kv, block_n), batch * q_heads)
     launch(_logits_kernel)[grid](
         q_pool, k_pool, flags, logits, q_heads, q_heads // kv_heads, q_len, kv_len, dim, n_q, n_kv,
         BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(TUNING["block_k"], block_d),

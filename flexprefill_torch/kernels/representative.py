@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import as_f32, check_device, device_op, interpreting, launch, next_pow2
+from ._utils import as_f32, cdiv, check_device, device_op, interpreting, launch, next_pow2
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -291,7 +291,7 @@ def representative_attention(
 
     # split-K over key blocks: ~1024 programs on a GPU (few, large ones when interpreted)
     splits = max(1, min(n_kv, 2 if interp else 64, -(-TUNING["programs"] // bh)))
-    per_split = triton.next_power_of_2(-(-n_kv // splits))
+    per_split = next_pow2(cdiv(n_kv, splits), 1)
     n_splits = -(-n_kv // per_split)
     n_clean = max(0, (kv_len - r + 1) // block_size)  # blocks every row sees whole
     stats = torch.empty(bh, n_kv, 4, block_r, device=dev, dtype=torch.float32)
@@ -310,7 +310,7 @@ def representative_attention(
     parts = torch.empty(batch, q_heads, n_kv, 3, device=dev, dtype=torch.float32)
     launch(_mass_kernel)[(bh, -(-n_kv // blocks))](
         stats, lse, true_blocks, parts, r, n_kv, n_splits, 1.0 / r,
-        BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits), BLOCKS=blocks, num_warps=TUNING["mass_warps"],
+        BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits, 1), BLOCKS=blocks, num_warps=TUNING["mass_warps"],
     )
     return true_blocks, parts, k_pool
 
