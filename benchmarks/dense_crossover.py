@@ -20,8 +20,6 @@ asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,22 +27,9 @@ import torch
 from flexprefill_torch import flex_prefill_attention
 from flexprefill_torch.benchmark import save_results, sdpa_baseline
 from flexprefill_torch.fa4 import fa4_causal_attention, fa4_unusable_reason
-from flexprefill_torch.timing import paired_median_ms
+from flexprefill_torch.timing import host_ms, paired_median_ms
 
 CASES = ("sdpa", "fa4", "public", "public_flex")
-
-
-def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
-    """Host milliseconds per call of ``calls`` calls queued behind a busy GPU."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: the calls below only queue
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = (time.perf_counter() - start) / calls * 1e3
-    torch.cuda.synchronize()
-    return elapsed
 
 
 def measure(length: int, repeats: int) -> dict[str, object]:

@@ -13,10 +13,14 @@ by ``1 + 3h/(Hq-1)`` so attention ranges from nearly flat (query-aware heads) to
 overhead); "total graph" is the whole build (``triton_block_mask``: selection and index
 emission) replayed as one graph, "total eager" the same called from Python (launch and
 dispatch overhead included), "public API eager" ``flex_prefill_block_mask(backend="triton")``
-(its indices come from ``block_mask_from_active``). "public API queued" is the build's
-marginal cost in a model-like loop: 8 rounds of (build, sparse attention) queued back to back
-minus 8 rounds of the sparse attention alone (same mask), per round: the host work of a
-build overlaps the GPU work of the attention before it, so what remains is GPU time. Dense:
+(its indices come from ``block_mask_from_active``), "public API idle" the same call timed
+alone from an idle GPU (CUDA events, median of 30; ``do_bench`` runs an L2-flush kernel
+before each call, which hides part of the host time), "public API host" its host time
+(calls queued behind a busy GPU, so only the Python and launch work is timed). "public
+API queued" is the build's marginal cost in a model-like loop: 8 rounds of (build, sparse
+attention) queued back to back minus 8 rounds of the sparse attention alone (same mask),
+per round: the host work of a build overlaps the GPU work of the attention before it, so
+what remains is GPU time. Dense:
 SDPA(is_causal=True) with the key/value heads expanded to 32 (same FLOPs as GQA).
 """
 
@@ -41,7 +45,7 @@ from flexprefill_torch.kernels.pool import pool_blocks
 from flexprefill_torch.kernels.representative import representative_attention
 from flexprefill_torch.kernels.select import select_blocks
 from flexprefill_torch.selection import flex_prefill_block_mask
-from flexprefill_torch.timing import cuda_graph_ms, paired_median_ms
+from flexprefill_torch.timing import cuda_graph_ms, host_ms, paired_median_ms
 
 
 def make_inputs(length: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, heads: int = 32,
@@ -94,7 +98,12 @@ def stages(q: torch.Tensor, k: torch.Tensor, config: FlexPrefillConfig) -> dict[
     out["sum of stages"] = sum(out.values())
     out["total graph"] = cuda_graph_ms(lambda: triton_block_mask(q, k, config))
     out["total eager"] = bench(lambda: triton_block_mask(q, k, config))
-    out["public API eager"] = bench(lambda: flex_prefill_block_mask(q, k, config=config, backend="triton"))
+    def public():
+        return flex_prefill_block_mask(q, k, config=config, backend="triton")
+
+    out["public API eager"] = bench(public)
+    out["public API idle"] = paired_median_ms([public], q.device, repeats=30)[0]
+    out["public API host"] = host_ms(public, q.device)
     out["public API queued"] = queued_marginal_ms(q, k, config)
     out["query-aware heads"] = float(((flags & 1) != 0).sum())
     out["density"] = float(active.float().sum() / (heads * n_q * (n_q + 1) / 2))

@@ -69,3 +69,25 @@ def cuda_graph_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 200) ->
     with torch.cuda.graph(graph):
         fn()
     return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+
+
+def host_ms(fn: Callable[[], object], device: torch.device, calls: int = 50, repeats: int = 5) -> float:
+    """Median host milliseconds per call: Python, checks and launches, not the device work.
+
+    On a GPU each sample queues ``calls`` calls behind a sleep kernel long enough to
+    cover them, so the host never waits for the device (``fn`` must not synchronise); on
+    CPU it is the wall clock of the calls.
+    """
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: the calls below only queue
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - begin) / calls * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(samples)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flexprefill_torch.timing import paired_median_ms
+from flexprefill_torch.timing import host_ms, paired_median_ms
 
 
 def test_paired_median_ms_rotates_the_order() -> None:
@@ -18,3 +18,11 @@ def test_paired_median_ms_rotates_the_order() -> None:
     assert rounds == ["abc", "bca", "cab", "abc"]
     assert order[3:] == [name for r in rounds for name in r for _ in range(2)]
     assert len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_host_ms_times_the_calls() -> None:
+    """One warm-up call, then ``repeats`` samples of ``calls`` calls each."""
+    count: list[int] = []
+    ms = host_ms(lambda: count.append(1), torch.device("cpu"), calls=3, repeats=4)
+    assert len(count) == 1 + 3 * 4
+    assert ms >= 0
